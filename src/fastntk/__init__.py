@@ -1,0 +1,20 @@
+"""fastntk: exact empirical neural tangent kernels of PyTorch models, fast."""
+
+from ._api import NTKFunction, ntk, ntk_fn
+from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
+from .reference import reference_ntk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ntk",
+    "ntk_fn",
+    "NTKFunction",
+    "reference_ntk",
+    "FastNTKError",
+    "InputError",
+    "ModelError",
+    "NonFiniteError",
+    "OptionError",
+    "SelectionError",
+]

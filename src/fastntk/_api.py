@@ -1,0 +1,205 @@
+"""The public entry points: ``ntk`` and ``ntk_fn``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ._checks import check_per_sample, check_training_mode
+from ._engine import DEFAULT_MEMORY_BUDGET, block_size_for, compute_kernel
+from ._errors import NonFiniteError, OptionError
+from ._functional import FunctionalModel, ParamSelection, select_parameters
+from ._inputs import Batch, BatchSpec, cast_floating, check_compatible, check_finite, check_fits_model, describe
+from ._modes import MODES, Mode, check_mode
+from .methods import METHODS, KernelMethod
+
+MODE_ALIASES: dict[str, Mode] = {"trace_mean": "trace"}
+
+
+def method_names() -> tuple[str, ...]:
+    """Every valid ``method``: "auto" and the exact methods."""
+    return ("auto", *METHODS)
+
+
+def choose_method(f: FunctionalModel, mode: Mode, num_outputs: int, budget: int) -> KernelMethod:
+    """The "auto" rule: Jacobian contraction while 8 samples of Jacobians fit the budget, else vp."""
+    jacobian = METHODS["jacobian"](f, mode, num_outputs)
+    return jacobian if block_size_for(jacobian, budget) >= 8 else METHODS["vp"](f, mode, num_outputs)
+
+
+class NTKFunction:
+    """A reusable kernel ``(x1, x2=None) -> Tensor`` of one model: set up once, call often.
+
+    The model's parameters are read at every call (so it tracks training); the
+    per-sample probe of the model runs again only when the kind of input changes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mode: str = "full",
+        method: str = "auto",
+        params: ParamSelection = None,
+        chunk_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        check: bool = True,
+        progress: bool = False,
+    ) -> None:
+        self.mean = mode in MODE_ALIASES
+        self.mode: Mode = MODE_ALIASES.get(mode) or check_mode_or_alias(mode)
+        if method not in method_names():
+            raise OptionError(f"unknown method {method!r}: use one of {', '.join(map(repr, method_names()))}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise OptionError(f"chunk_size={chunk_size!r}: it must be a positive number of samples per block, or None")
+        self.model, self.method, self.params, self.dtype = model, method, params, dtype
+        self.chunk_size, self.memory_budget, self.check, self.progress = chunk_size, memory_budget, check, progress
+        self._probed: dict[BatchSpec, int] = {}
+        FunctionalModel.build(model, params, dtype)  # validate the model and the selection now
+
+    def functional(self) -> FunctionalModel:
+        """The model as f(θ, x) with the current parameter values."""
+        return FunctionalModel.build(self.model, self.params, self.dtype)
+
+    def prepare(self, x1: Batch, x2: Batch | None) -> tuple[FunctionalModel, Batch, Batch | None, int]:
+        """Validate everything, cast inputs if ``dtype`` was given; return f, x1, x2 and O."""
+        f = self.functional()
+        check_training_mode(self.model)
+        spec = describe(x1, "x1")
+        if x2 is not None:
+            check_compatible(spec, describe(x2, "x2"))
+        if self.dtype is not None:
+            x1 = cast_floating(x1, f.dtype)
+            x2 = None if x2 is None else cast_floating(x2, f.dtype)
+            spec = describe(x1, "x1")
+        check_fits_model(spec, "x1", f.device, f.dtype)
+        if self.check:
+            check_finite(x1, "x1")
+            if x2 is not None:
+                check_finite(x2, "x2")
+            f.check_finite_params()
+        if spec not in self._probed:
+            self._probed[spec] = check_per_sample(f, x1, x2)
+        return f, x1, x2, self._probed[spec]
+
+    def kernel_method(self, f: FunctionalModel, num_outputs: int) -> KernelMethod:
+        """The exact method this call uses."""
+        if self.method == "auto":
+            return choose_method(f, self.mode, num_outputs, self.memory_budget)
+        return METHODS[self.method](f, self.mode, num_outputs)
+
+    def __call__(self, x1: Batch, x2: Batch | None = None) -> torch.Tensor:
+        """The kernel between x1 (N1 samples) and x2 (N2 samples; None: x1 itself).
+
+        Returns:
+            (N1, N2, O, O) for "full", (N1, N2) for "trace"/"trace_mean", (N1, N2, O) for "diagonal".
+
+        Raises:
+            InputError, ModelError, SelectionError, OptionError, NonFiniteError: see the messages.
+        """
+        f, x1, x2, num_outputs = self.prepare(x1, x2)
+        method = self.kernel_method(f, num_outputs)
+        with torch.no_grad():
+            kernel = compute_kernel(method, x1, x2, block=self.chunk_size, budget=self.memory_budget, progress=self.progress)
+        if self.mean:
+            kernel = kernel / num_outputs
+        if self.check:
+            check_finite_result(kernel)
+        return kernel
+
+
+def check_mode_or_alias(mode: str) -> Mode:
+    """Validate ``mode``, listing the aliases too in the error."""
+    if mode in MODES:
+        return check_mode(mode)
+    raise OptionError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, (*MODES, *MODE_ALIASES)))}")
+
+
+def check_finite_result(kernel: torch.Tensor) -> None:
+    """Raise NonFiniteError, carrying the kernel, if it holds NaN or inf."""
+    bad = ~torch.isfinite(kernel)
+    if bool(bad.any()):
+        n, m = (int(i) for i in bad.nonzero()[0][:2])
+        raise NonFiniteError(
+            f"the kernel contains NaN or inf (first at pair x1[{n}], x2[{m}]) although inputs and parameters are "
+            "finite: the model's derivatives overflow or are undefined there (e.g. sqrt or log at 0); "
+            "try dtype=torch.float64, or fix the model; the computed kernel is in this error's .kernel",
+            kernel=kernel,
+        )
+
+
+def ntk_fn(
+    model: nn.Module,
+    *,
+    mode: str = "full",
+    method: str = "auto",
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    check: bool = True,
+    progress: bool = False,
+) -> NTKFunction:
+    """A reusable eNTK of ``model``: ``ntk_fn(model, mode="trace")(x1, x2)``. See :func:`ntk`."""
+    return NTKFunction(
+        model, mode=mode, method=method, params=params, chunk_size=chunk_size, dtype=dtype,
+        memory_budget=memory_budget, check=check, progress=progress,
+    )
+
+
+def ntk(
+    model: nn.Module,
+    x1: Batch,
+    x2: Batch | None = None,
+    *,
+    mode: str = "full",
+    method: str = "auto",
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    check: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    r"""The empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ of ``model``.
+
+    J is the Jacobian of the O per-sample outputs (every output tensor flattened per
+    sample and concatenated in pytree order) with respect to the selected parameters.
+
+    Args:
+        model: any ``nn.Module``, used as it is (train/eval mode honoured, never modified).
+        x1: N1 samples: a tensor batched on dim 0, or a tuple (``model(*x)``) or dict
+            (``model(**x)``) of such tensors. Integer tensors (token ids) are fine.
+        x2: N2 samples of the same kind, or None for the Gram matrix K(x1, x1).
+        mode: "full" -> (N1, N2, O, O); "trace" -> (N1, N2), the SUM over the O outputs;
+            "diagonal" -> (N1, N2, O); "trace_mean" -> (N1, N2), the mean over outputs
+            (what neural-tangents' ``trace_axes`` returns).
+        method: "jacobian", "vp" or "auto".
+        params: None (all with requires_grad), a list of names, or a predicate
+            ``(name, parameter) -> bool``. Buffers are used, never differentiated.
+        chunk_size: samples per block; bounds the memory of per-sample factors.
+        dtype: compute in this floating dtype (e.g. torch.float64) instead of the model's.
+        memory_budget: bytes the per-sample factors may take when chunk_size is None.
+        check: validate inputs, parameters, the model and the result (NaN/inf, batch
+            dependence, randomness). Disable only for trusted, repeated calls.
+        progress: show a progress bar over blocks for long computations.
+
+    Returns:
+        The kernel on the model's device, in its dtype (or ``dtype``).
+
+    Raises:
+        InputError, ModelError, SelectionError, OptionError, NonFiniteError (all FastNTKError).
+
+    Example:
+        >>> import torch, fastntk
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> fastntk.ntk(net, torch.randn(5, 3), torch.randn(4, 3)).shape
+        torch.Size([5, 4, 2, 2])
+    """
+    return ntk_fn(
+        model, mode=mode, method=method, params=params, chunk_size=chunk_size, dtype=dtype,
+        memory_budget=memory_budget, check=check, progress=progress,
+    )(x1, x2)

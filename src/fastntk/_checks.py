@@ -1,0 +1,78 @@
+"""Refusals: models whose per-sample NTK is not defined as asked."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._errors import ModelError
+from ._functional import FunctionalModel
+from ._inputs import Batch, batch_size, concat, take
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def check_training_mode(model: nn.Module) -> None:
+    """Refuse modules that couple samples or draw random numbers in training mode.
+
+    Raises:
+        ModelError: naming the first BatchNorm in training mode or active dropout.
+    """
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        label = f"{type(module).__name__} {name or '(the model)'!r}"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ModelError(
+                f"{label} is in training mode: its output for one sample depends on the other samples of the "
+                "batch, so the per-sample NTK is not defined; call model.eval() (uses the running statistics), "
+                "or put just the norm layers in eval mode"
+            )
+        p = getattr(module, "p", 0.0) if isinstance(module, _DROPOUT) else getattr(module, "dropout", 0.0)
+        if isinstance(module, (*_DROPOUT, nn.MultiheadAttention)) and isinstance(p, float) and p > 0:
+            raise ModelError(
+                f"{label} (p={p}) is active in training mode: the model is random, so its NTK is not defined; "
+                "call model.eval(), or set its probability to 0"
+            )
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance for outputs that should agree up to rounding: sqrt(eps) of ``dtype``."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int = 3) -> int:
+    """Probe the model on a few samples; return O, the number of outputs per sample.
+
+    The model must be deterministic and give each sample the output it gives it alone.
+
+    Raises:
+        ModelError: the model fails, is random, or mixes samples of a batch.
+    """
+    x = take(x1, 0, min(probe, batch_size(x1)))
+    if x2 is not None and batch_size(x) < probe:
+        x = concat([x, take(x2, 0, min(probe - batch_size(x), batch_size(x2)))])
+    n = batch_size(x)
+    with torch.no_grad(), torch.random.fork_rng(devices=[f.device] if f.device.type == "cuda" else []):
+        try:
+            together = f(f.primals, x)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"the model failed on the inputs ({type(exc).__name__}: {exc}); check that x1/x2 have the shapes and structure the model expects") from exc
+        again = f(f.primals, x)
+        alone = torch.cat([f(f.primals, take(x, i, i + 1)) for i in range(n)])
+    scale = together.abs().max().item() + torch.finfo(f.dtype).tiny
+    tol = tolerance(f.dtype) * scale
+    if (together - again).abs().max().item() > tol:
+        raise ModelError(
+            "the model gives different outputs for the same inputs: it draws random numbers (dropout or "
+            "similar), so its NTK is not defined; call model.eval() or remove the randomness"
+        )
+    if n > 1 and (together - alone).abs().max().item() > tol:
+        raise ModelError(
+            "the model's output for one sample depends on the other samples of the batch (batch statistics, "
+            "a norm over dim 0 or the like), so the per-sample NTK is not defined; put such layers in eval "
+            "mode (model.eval()) or make them per-sample"
+        )
+    return together.shape[1]

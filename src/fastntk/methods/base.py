@@ -1,0 +1,47 @@
+"""The interface every exact method implements: per-sample factors, then a contraction."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from .._functional import FunctionalModel
+from .._inputs import Batch
+from .._modes import Mode
+
+
+class KernelMethod(ABC):
+    """An exact way to compute a kernel block K(x1_block, x2_block).
+
+    The engine asks for ``left`` factors of a block of x1 and ``right`` factors of a
+    block of x2, then ``contract``\\ s them; factors are reused across every block they meet.
+    When ``symmetric_factors`` is True, left and right factors of the same samples are the
+    same object, so K(x, x) computes them once.
+    """
+
+    name: str = ""
+    symmetric_factors: bool = True
+
+    def __init__(self, f: FunctionalModel, mode: Mode, num_outputs: int, *, vmap_chunk: int | None = None) -> None:
+        self.f = f
+        self.mode = mode
+        self.num_outputs = num_outputs
+        self.vmap_chunk = vmap_chunk
+
+    @abstractmethod
+    def left(self, x: Batch) -> Any:
+        """Factors of a block of x1."""
+
+    def right(self, x: Batch) -> Any:
+        """Factors of a block of x2 (by default the same as ``left``)."""
+        return self.left(x)
+
+    @abstractmethod
+    def contract(self, left: Any, right: Any) -> torch.Tensor:
+        """The kernel block between the samples of ``left`` and ``right``, shaped per ``mode``."""
+
+    @abstractmethod
+    def bytes_per_sample(self) -> int:
+        """Peak bytes the factors of one sample take while computed and kept."""

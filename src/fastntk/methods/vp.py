@@ -1,0 +1,52 @@
+"""Method "vp": NTK-vector products, the tutorial's method 2, without its Jacobian of x1.
+
+The rows J(x2)[m, b] are computed by reverse mode (vector-Jacobian products); each is
+then pushed through the model on the x1 block by forward mode (a Jacobian-vector
+product), giving K[:, m, :, b]. Cost about N2·O·(N1 forward-mode passes); memory O·P
+per sample of an x2 block, none for x1. trace and diagonal keep only the needed
+entries of each product (memory N1·N2 and N1·N2·O instead of N1·N2·O²) but need the
+same products: forward mode yields all outputs of x1 at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jvp, vmap
+
+from .._functional import Params
+from .._inputs import Batch
+from .base import KernelMethod
+from .jacobian import per_sample_jacobians
+
+
+class VPMethod(KernelMethod):
+    """J(x2) by reverse mode, then K = J(x1)·J(x2)ᵀ by forward mode on x1."""
+
+    name = "vp"
+    symmetric_factors = False
+
+    def left(self, x: Batch) -> Batch:
+        return x
+
+    def right(self, x: Batch) -> Params:
+        return per_sample_jacobians(self.f, x, self.vmap_chunk)
+
+    def contract(self, left: Batch, right: Params) -> torch.Tensor:
+        f, primals = self.f, self.f.primals
+        n2, o = next(iter(right.values())).shape[:2]
+        tangents = {name: j.flatten(0, 1) for name, j in right.items()}  # (N2·O, *p)
+
+        def push(tangent: Params) -> torch.Tensor:
+            return jvp(lambda p: f(p, left), (primals,), (tangent,))[1]  # (N1, O)
+
+        products = vmap(push, chunk_size=self.vmap_chunk)(tangents)  # (N2·O, N1, O) = K[n, m, a, b] at [m·O + b, n, a]
+        products = products.reshape(n2, o, -1, o)  # [m, b, n, a]
+        if self.mode == "full":
+            return products.permute(2, 0, 3, 1)
+        diagonal = torch.diagonal(products, dim1=1, dim2=3)  # [m, n, a=b]
+        if self.mode == "diagonal":
+            return diagonal.permute(1, 0, 2)
+        return diagonal.sum(-1).T
+
+    def bytes_per_sample(self) -> int:
+        return 2 * self.num_outputs * self.f.num_params * self.f.dtype.itemsize
