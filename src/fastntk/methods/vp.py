@@ -10,9 +10,13 @@ same products: forward mode yields all outputs of x1 at once.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch.func import jvp, vmap
 
+from .._errors import ModelError
 from .._functional import Params
 from .._inputs import Batch
 from .base import KernelMethod
@@ -39,7 +43,14 @@ class VPMethod(KernelMethod):
         def push(tangent: Params) -> torch.Tensor:
             return jvp(lambda p: f(p, left), (primals,), (tangent,))[1]  # (N1, O)
 
-        products = vmap(push, chunk_size=self.vmap_chunk)(tangents)  # (N2·O, N1, O) = K[n, m, a, b] at [m·O + b, n, a]
+        with forward_mode_kernels():
+            try:
+                products = vmap(push, chunk_size=self.vmap_chunk)(tangents)  # K[n, m, a, b] at [m·O + b, n, a]
+            except NotImplementedError as exc:
+                raise ModelError(
+                    f"method='vp' needs forward-mode AD, which an operation of this model lacks ({str(exc).splitlines()[0]}); "
+                    "use method='jacobian' or method='auto'"
+                ) from exc
         products = products.reshape(n2, o, -1, o)  # [m, b, n, a]
         if self.mode == "full":
             return products.permute(2, 0, 3, 1)
@@ -50,3 +61,25 @@ class VPMethod(KernelMethod):
 
     def bytes_per_sample(self) -> int:
         return 2 * self.num_outputs * self.f.num_params * self.f.dtype.itemsize
+
+
+@contextlib.contextmanager
+def forward_mode_kernels() -> Iterator[None]:
+    """Steer PyTorch away from fused inference kernels that have no forward-mode derivative.
+
+    The fused TransformerEncoderLayer fast path and the flash/efficient attention kernels
+    lack forward AD; the composite ("math") attention computes the same function with it.
+    """
+    with contextlib.ExitStack() as stack:
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+            previous = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, previous)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3
+            pass
+        else:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield

@@ -1,0 +1,165 @@
+"""Architectures the exact methods are tested on, as data: a model factory and an input factory.
+
+Every factory is seeded, so a case builds the same model and inputs every time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastntk._inputs import Batch
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model and a way to draw n of its inputs."""
+
+    name: str
+    model: Callable[[], nn.Module]
+    inputs: Callable[[int, torch.Generator], Batch]
+
+    def build(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = self.model()
+        return model.to(dtype)
+
+    def draw(self, n: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> Batch:
+        batch = self.inputs(n, torch.Generator().manual_seed(seed))
+        from fastntk._inputs import cast_floating
+
+        return cast_floating(batch, dtype)
+
+
+def normal(*shape: int) -> Callable[[int, torch.Generator], torch.Tensor]:
+    return lambda n, g: torch.randn(n, *shape, generator=g)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.head = nn.Linear(channels * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.conv2(F.relu(self.conv1(x)))
+        return self.head(F.relu(x).flatten(1))
+
+
+class TokenModel(nn.Module):
+    """Embedding + masked mean + MLP head; called as model(input_ids=..., attention_mask=...)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, outputs: int = 3, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, outputs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.embed(input_ids)))
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1).clamp_min(1))
+
+
+def tokens(vocab: int = 11, length: int = 5) -> Callable[[int, torch.Generator], Batch]:
+    def draw(n: int, g: torch.Generator) -> Batch:
+        ids = torch.randint(0, vocab, (n, length), generator=g)
+        ids[:, 0] = 1  # repeated indices across samples
+        mask = torch.ones(n, length, dtype=torch.long)
+        mask[:, -1] = torch.randint(0, 2, (n,), generator=g)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return draw
+
+
+class TiedLM(nn.Module):
+    """Input embedding and output projection share one weight."""
+
+    def __init__(self, vocab: int = 7, dim: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(self.embed(ids).mean(1))))
+
+
+def frozen_mlp() -> nn.Module:
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 2))
+    model[2].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def batchnorm_eval() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    bn = model[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+class MultiDimOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).reshape(-1, 2, 3)
+
+
+class TupleOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(4, 6)
+        self.a = nn.Linear(6, 2)
+        self.b = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.trunk(x))
+        return self.a(h), self.b(h)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab: int = 13, dim: int = 8, outputs: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.encoder = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, outputs)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(1))
+
+
+CASES: list[Case] = [
+    Case("mlp", lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)), normal(6)),
+    Case(
+        "tutorial_cnn",
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)),
+        normal(3, 8, 8),
+    ),
+    Case("conv1d", lambda: nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(4 * 5, 2)), normal(2, 10)),
+    Case("residual", Residual, normal(3, 6, 6)),
+    Case("layernorm_gelu", lambda: nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3)), normal(5)),
+    Case("tanh", lambda: nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 9), nn.Tanh(), nn.Linear(9, 2)), normal(4)),
+    Case("token_dict", TokenModel, tokens()),
+    Case("tied", TiedLM, lambda n, g: torch.randint(0, 7, (n, 4), generator=g)),
+    Case("frozen", frozen_mlp, normal(5)),
+    Case("batchnorm_eval", batchnorm_eval, normal(2, 6, 6)),
+    Case("multidim_output", MultiDimOutput, normal(4)),
+    Case("single_output", lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), normal(3)),
+    Case("tuple_output", TupleOutput, normal(4)),
+    Case("transformer", lambda: TinyTransformer().eval(), lambda n, g: torch.randint(0, 13, (n, 5), generator=g)),
+]
+
+CASES_BY_NAME = {case.name: case for case in CASES}

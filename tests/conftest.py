@@ -1,0 +1,55 @@
+"""Shared fixtures: seeded cases, cached float64 references, dtype-derived tolerances."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+import fastntk
+from cases import CASES_BY_NAME
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of a kernel against the float64 reference: 500 ulps of ``dtype``."""
+    return 500 * torch.finfo(dtype).eps
+
+
+def assert_kernel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """max|K − K_ref| <= rtol(dtype) · max|K_ref| (and equal shapes)."""
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    error = (actual.double() - expected.double()).abs().max().item()
+    assert error <= rtol(dtype) * max(scale, torch.finfo(dtype).tiny), f"max error {error:.3g} vs max|K| {scale:.3g}"
+
+
+@functools.lru_cache(maxsize=None)
+def reference_full(case: str, dtype: torch.dtype, gram: bool, n1: int = 4, n2: int = 3) -> torch.Tensor:
+    """The float64 full reference kernel of a case's model (weights in ``dtype``)."""
+    c = CASES_BY_NAME[case]
+    model = c.build(dtype)
+    x1 = c.draw(n1, dtype, seed=1)
+    x2 = None if gram else c.draw(n2, dtype, seed=2)
+    return fastntk.reference_ntk(model, x1, x2, mode="full")
+
+
+def reduce_full(full: torch.Tensor, mode: str) -> torch.Tensor:
+    """The trace/diagonal reductions of a full kernel."""
+    if mode == "full":
+        return full
+    diagonal = torch.diagonal(full, dim1=2, dim2=3)
+    return diagonal if mode == "diagonal" else diagonal.sum(-1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
