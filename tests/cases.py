@@ -163,3 +163,70 @@ CASES: list[Case] = [
 ]
 
 CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+class Shuffled(nn.Module):
+    """Reverses the batch around a Linear: per-sample outputs are right, rows inside are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x.flip(0)).flip(0)))
+
+
+class DirectWeightUse(nn.Module):
+    """Uses a Linear's weight both through the module and directly: its rule alone would miss a term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x)) + x @ self.fc.weight.T)
+
+
+class SharedLinear(nn.Module):
+    """One Linear applied twice (positions concatenate) and a scale parameter no rule covers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.scale * self.fc(torch.tanh(self.fc(x))))
+
+
+class SequenceLinear(nn.Module):
+    """Linear layers over (N, S, 8) sequences: the structured rule picks its form by S."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x)).mean(1))
+
+
+STRUCTURED_CASES: list[Case] = [
+    Case("conv2d_options", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)), normal(2, 7, 7)),
+    Case("conv2d_groups", lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 2)), normal(4, 5, 5)),
+    Case("depthwise_separable", lambda: nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.ReLU(), nn.Conv2d(3, 5, 1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 2)), normal(3, 6, 6)),
+    Case("conv1d_dilated", lambda: nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2, padding=1, bias=False), nn.GELU(), nn.Flatten(), nn.Linear(3 * 8, 2)), normal(2, 10)),
+    Case("conv3d", lambda: nn.Sequential(nn.Conv3d(1, 2, 2, stride=(1, 2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 2 * 3, 2)), normal(1, 4, 4, 4)),
+    Case("groupnorm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)), normal(2, 5, 5)),
+    Case("embedding_padding", lambda: TokenModel(padding_idx=0), tokens()),
+    Case("sequence_short", SequenceLinear, normal(2, 8)),
+    Case("sequence_long", SequenceLinear, normal(10, 8)),
+    Case("shuffled_batch", Shuffled, normal(4)),
+    Case("direct_weight_use", DirectWeightUse, normal(4)),
+    Case("shared_linear_and_scale", SharedLinear, normal(4)),
+]
+
+CASES_BY_NAME.update({case.name: case for case in STRUCTURED_CASES})

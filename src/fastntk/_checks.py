@@ -7,7 +7,7 @@ from torch import nn
 
 from ._errors import ModelError
 from ._functional import FunctionalModel
-from ._inputs import Batch, batch_size, concat, take
+from ._inputs import Batch, batch_size, first_samples, take
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -49,9 +49,7 @@ def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int
     Raises:
         ModelError: the model fails, is random, or mixes samples of a batch.
     """
-    x = take(x1, 0, min(probe, batch_size(x1)))
-    if x2 is not None and batch_size(x) < probe:
-        x = concat([x, take(x2, 0, min(probe - batch_size(x), batch_size(x2)))])
+    x = first_samples(x1, x2, probe)
     n = batch_size(x)
     with torch.no_grad(), torch.random.fork_rng(devices=[f.device] if f.device.type == "cuda" else []):
         try:

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ._inputs import Batch, batch_size, take
+from ._inputs import Batch, batch_size, first_samples, take
 from ._modes import block_shape, transpose_block
 from .methods.base import KernelMethod
 
@@ -61,6 +61,7 @@ def compute_kernel(
     n1, n2 = batch_size(x1), batch_size(other)
     f = method.f
     out = torch.empty(block_shape(method.mode, n1, n2, method.num_outputs), device=f.device, dtype=f.dtype)
+    method.calibrate(first_samples(x1, x2, 2))
     block = block or block_size_for(method, budget)
     pairs = list(block_pairs(n1, n2, block, symmetric))
     right_cache: dict[int, Any] = {}

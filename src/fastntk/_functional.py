@@ -139,6 +139,12 @@ class FunctionalModel:
         """P, the number of scalar parameters that count."""
         return sum(p.numel() for p in self.primals.values())
 
+    def restrict(self, names: list[str]) -> "FunctionalModel":
+        """The same model as a function of the primals ``names`` only (the others held constant)."""
+        kept = {name: self.primals[name] for name in names}
+        held = {name: t for name, t in self.primals.items() if name not in kept}
+        return FunctionalModel(self.module, kept, {**self.constants, **held}, self.device, self.dtype)
+
     def check_finite_params(self) -> None:
         """Raise NonFiniteError naming the first parameter or buffer holding NaN or inf."""
         for kind, tensors in (("parameter", self.primals), ("parameter/buffer", self.constants)):

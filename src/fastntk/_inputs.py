@@ -121,6 +121,14 @@ def concat(xs: list[Batch]) -> Batch:
     return pytree.tree_unflatten([torch.cat(parts) for parts in zip(*(f for f, _ in flats))], spec)
 
 
+def first_samples(x1: Batch, x2: Batch | None, k: int) -> Batch:
+    """Up to k samples: the first of x1, topped up from x2 when x1 has fewer."""
+    x = take(x1, 0, min(k, batch_size(x1)))
+    if x2 is not None and batch_size(x) < k:
+        x = concat([x, take(x2, 0, min(k - batch_size(x), batch_size(x2)))])
+    return x
+
+
 def map_leaves(fn: Callable[[torch.Tensor], torch.Tensor], x: Batch) -> Batch:
     """Apply ``fn`` to every tensor of a batch."""
     return pytree.tree_map(fn, x)

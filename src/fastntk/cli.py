@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--method", choices=method_choices(), default="auto", help="exact method (default: auto)")
     how.add_argument("--dtype", choices=("float32", "float64"), help="compute in this dtype (default: the model's)")
     how.add_argument("--device", help="cpu, cuda, cuda:1, ...: the model and inputs are moved there (default: where the model is)")
-    how.add_argument("--chunk-size", type=positive_int, metavar="N", help="samples per block (bounds memory; default: from a 2 GiB budget)")
+    how.add_argument("--chunk-size", type=positive_int, metavar="N", help="samples per block (bounds memory; default: chosen from the library's memory budget)")
 
     out = compute.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", default="ntk.npy", help="where to write the kernel: .npy or .pt (default: ntk.npy)")
@@ -496,11 +496,11 @@ def run_compute(args: argparse.Namespace) -> int:
 
     options = dict(mode=args.mode, method=args.method, chunk_size=args.chunk_size, dtype=dtype, progress=progress)
     fn = fastntk.ntk_fn(model, **options)
-    say(f"fastntk {__version__}: empirical NTK")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     method, num_outputs = resolve(fn, x1, x2)
+    say(f"fastntk {__version__}: empirical NTK")
     say(f"model     {model_label}: P = {count_parameters(model):,} parameters, O = {num_outputs if num_outputs is not None else '?'} outputs, "
         f"{'training' if model.training else 'eval'} mode, {device}")
     say(f"x1        {describe_batch(x1)}  from {x1_label}" + (f" (cast {', '.join(casts1)})" if casts1 else ""))

@@ -30,6 +30,9 @@ class KernelMethod(ABC):
         self.num_outputs = num_outputs
         self.vmap_chunk = vmap_chunk
 
+    def calibrate(self, x: Batch) -> None:
+        """Look at one sample before blocks are sized (e.g. to measure factor sizes)."""
+
     @abstractmethod
     def left(self, x: Batch) -> Any:
         """Factors of a block of x1."""

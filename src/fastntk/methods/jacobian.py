@@ -20,6 +20,11 @@ def per_sample_jacobians(f: FunctionalModel, x: Batch, chunk_size: int | None = 
     return vmap(jacrev(f.single), in_dims=(None, 0), chunk_size=chunk_size)(f.primals, x)
 
 
+def flat_jacobian(j: torch.Tensor) -> torch.Tensor:
+    """(N, O, *parameter shape) -> (N, O, p), 0-d parameters included."""
+    return j.reshape(j.shape[0], j.shape[1], -1)
+
+
 def contract_jacobian_pair(a: torch.Tensor, b: torch.Tensor, mode: Mode) -> torch.Tensor:
     """One parameter's share of the kernel from Jacobians a (N1, O, p) and b (N2, O, p)."""
     n1, o, p = a.shape
@@ -35,7 +40,7 @@ def contract_jacobians(j1: Params, j2: Params, mode: Mode) -> torch.Tensor:
     """Σ over parameter tensors of J1 J2ᵀ, reduced per ``mode``."""
     total = None
     for name, a in j1.items():
-        part = contract_jacobian_pair(a.flatten(2), j2[name].flatten(2), mode)
+        part = contract_jacobian_pair(flat_jacobian(a), flat_jacobian(j2[name]), mode)
         total = part if total is None else total.add_(part)
     assert total is not None
     return total

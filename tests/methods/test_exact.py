@@ -9,7 +9,7 @@ import fastntk
 from cases import CASES, CASES_BY_NAME
 from conftest import DTYPES, assert_kernel_close, reduce_full, reference_full
 
-METHODS = ["jacobian", "vp", "auto"]
+METHODS = ["jacobian", "vp", "structured", "auto"]
 MODES = ["full", "trace", "diagonal"]
 
 
@@ -47,3 +47,15 @@ def test_tutorial_check_methods_agree() -> None:
         a = fastntk.ntk(model, x1, x2, mode=mode, method="jacobian")
         b = fastntk.ntk(model, x1, x2, mode=mode, method="vp")
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", ["shared_linear_and_scale", "direct_weight_use", "shuffled_batch", "embedding_padding"])
+def test_partly_structured_models(case: str, method: str) -> None:
+    """Models with 0-d parameters, shared layers and odd parameter uses, on every method."""
+    c = CASES_BY_NAME[case]
+    model = c.build(torch.float64)
+    x1, x2 = c.draw(4, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
+    for mode in MODES:
+        kernel = fastntk.ntk(model, x1, x2, mode=mode, method=method)
+        assert_kernel_close(kernel, reduce_full(reference_full(case, torch.float64, False), mode), torch.float64)

@@ -1,0 +1,114 @@
+"""One forward pass that records every use of a selected parameter, then one batched backward.
+
+A TorchFunctionMode sees each functional op with its arguments. An op that a rule covers,
+with the selected parameters only in its weight/bias roles, is a structured *use*: its
+inputs are saved and its output is kept to receive cotangents. Any other op that touches
+a selected parameter sends that parameter to the exact Jacobian fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ..._functional import FunctionalModel, Params
+from ..._inputs import Batch, batch_size
+from .rules import RULES, Rule
+from .rules.base import Roles, Saved
+
+
+@dataclass
+class Use:
+    """One call of a covered op on selected parameters."""
+
+    rule: Rule
+    roles: Roles
+    saved: Saved
+    output: torch.Tensor
+    versions: list[tuple[torch.Tensor, int]]
+
+    def intact(self) -> bool:
+        """Whether no saved input was modified in place after the call."""
+        return all(t._version == v for t, v in self.versions)
+
+
+@dataclass
+class Capture:
+    """What one forward pass on a block revealed: outputs (N, O), structured uses, other params."""
+
+    primals: Params
+    outputs: torch.Tensor
+    uses: list[Use]
+    unstructured: set[str] = field(default_factory=set)
+
+
+def batch_first(call: dict[str, Any], output: torch.Tensor, n: int) -> bool:
+    """Whether the op's input and output are laid out with the n samples on dim 0."""
+    x = call.get("input")
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n and output.dim() > 0 and output.shape[0] == n
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, primals: Params, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.names = {id(t): name for name, t in primals.items()}
+        self.uses: list[Use] = []
+        self.unstructured: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        touched = [self.names[id(t)] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in self.names]
+        if not touched or not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(output)):
+            return output  # no selected parameter, or metadata only (size, dim, ...)
+        rule = RULES.get(func)
+        if rule is not None and isinstance(output, torch.Tensor):
+            call = rule.bind(args, kwargs)
+            parameters = rule.parameters(call)
+            if parameters is not None and batch_first(call, output, self.n):
+                roles = {role: self.names[id(t)] for role, t in parameters.items() if id(t) in self.names}
+                if sorted(roles.values()) == sorted(touched):
+                    saved = rule.save(call, output)
+                    versions = [(t, t._version) for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
+                    self.uses.append(Use(rule, roles, saved, output, versions))
+                    return output.clone()  # in-place ops downstream must not touch the recorded output
+        self.unstructured.update(touched)
+        return output
+
+
+def capture(f: FunctionalModel, x: Batch) -> Capture:
+    """Run f on the block x, recording structured uses of the selected parameters."""
+    primals = {name: p.detach().requires_grad_() for name, p in f.primals.items()}
+    recorder = _Recorder(primals, batch_size(x))
+    with torch.enable_grad(), recorder:
+        outputs = f(primals, x)
+    unstructured = set(recorder.unstructured)
+    uses = []
+    for use in recorder.uses:
+        if use.intact():
+            uses.append(use)
+        else:
+            unstructured.update(use.roles.values())
+    return Capture(primals, outputs, uses, unstructured)
+
+
+def output_cotangents(outputs: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool = False) -> list[torch.Tensor | None]:
+    """∂ outputs[n, a] / ∂ tensors[i][n] for every output a, in one batched backward pass.
+
+    Returns, per tensor, (N, O, *tensor.shape[1:]) or None when the tensor does not affect the outputs.
+    """
+    n, o = outputs.shape
+    if not tensors:
+        return []
+    basis = torch.eye(o, dtype=outputs.dtype, device=outputs.device).unsqueeze(1).expand(o, n, o)
+    try:
+        grads = torch.autograd.grad(outputs, tensors, basis, retain_graph=retain_graph, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:  # an op without a batching rule for its backward: one pass per output
+        rows = [torch.autograd.grad(outputs, tensors, basis[a], retain_graph=retain_graph or a < o - 1, allow_unused=True) for a in range(o)]
+        grads = tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+    return [None if g is None else g.movedim(0, 1) for g in grads]

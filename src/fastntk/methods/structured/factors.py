@@ -1,0 +1,122 @@
+"""Per-sample factors of one parameter group and their contraction into a kernel block.
+
+Two kinds:
+
+* ``JacobianFactor``: the group's per-sample Jacobian J (N, O, p), contracted by GEMMs.
+* ``PairFactor``: layer inputs (keys) and output cotangents g (N, O, S, e) of a layer
+  y_s = W k_s (+ b) applied at S positions. The group's kernel is
+  Σ_{s,t} X(k_{n,s}, k'_{m,t}) ⟨g_{n,a,s}, g'_{m,b,t}⟩, with X the input Gram (plus 1 when
+  the bias is folded in, since the bias Jacobian is Σ_s g_s); dy/dW is never formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..._modes import Mode
+from ..jacobian import contract_jacobian_pair
+
+def dot_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+    """X[n, m, s, t] = ⟨k1[n, s], k2[m, t]⟩ for keys (N, S, d)."""
+    n1, s1, d = k1.shape
+    n2, s2, _ = k2.shape
+    return (k1.reshape(n1 * s1, d) @ k2.reshape(n2 * s2, d).T).reshape(n1, s1, n2, s2).permute(0, 2, 1, 3)
+
+
+def index_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+    """X[n, m, s, t] = [k1[n, s] == k2[m, t]] for integer keys (N, S): the one-hot Gram, never one-hot."""
+    return (k1[:, None, :, None] == k2[None, :, None, :])
+
+
+@dataclass
+class JacobianFactor:
+    """J (N, O, p): a parameter group's per-sample Jacobian, flattened."""
+
+    jacobian: torch.Tensor
+
+    def contract(self, other: "JacobianFactor", mode: Mode) -> torch.Tensor:
+        return contract_jacobian_pair(self.jacobian, other.jacobian, mode)
+
+    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> torch.Tensor:
+        """Σ_{n,a} weights[n, a] J[n, a]: the gradient these factors imply, flattened."""
+        return torch.einsum("na,nap->p", weights, self.jacobian)
+
+    def merge(self, other: "JacobianFactor") -> "JacobianFactor":
+        """Two uses of one parameter: their Jacobians add."""
+        return JacobianFactor(self.jacobian + other.jacobian)
+
+    def nbytes(self) -> int:
+        return self.jacobian.numel() * self.jacobian.element_size()
+
+
+@dataclass
+class PairFactor:
+    """Keys and cotangents g (N, O, S, e) of a linear map applied at S positions.
+
+    ``kind`` "dot": keys (N, S, d) are layer inputs, X = ⟨k, k'⟩; "index": keys (N, S)
+    are embedding indices, X = [k == k'].
+    """
+
+    keys: torch.Tensor
+    cotangents: torch.Tensor
+    kind: Literal["dot", "index"]
+    plus_one: bool
+
+    def merge(self, other: "PairFactor") -> "PairFactor":
+        """Two uses of one weight: their positions concatenate."""
+        return PairFactor(
+            torch.cat([self.keys, other.keys], dim=1),
+            torch.cat([self.cotangents, other.cotangents], dim=2),
+            self.kind,
+            self.plus_one,
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.cotangents))
+
+    def key_gram(self, other: "PairFactor") -> torch.Tensor:
+        gram = dot_gram if self.kind == "dot" else index_gram
+        x = gram(self.keys, other.keys).to(self.cotangents.dtype)
+        return x + 1 if self.plus_one else x
+
+    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> torch.Tensor:
+        """The gradient of Σ weights[n, a] f_a(x_n) these factors imply: W's (and b's) flattened."""
+        g = torch.einsum("na,nase->nse", weights, self.cotangents)
+        e = g.shape[-1]
+        if self.kind == "index":
+            table = torch.zeros(shapes[0][0], e, dtype=g.dtype, device=g.device)
+            parts = [table.index_add_(0, self.keys.reshape(-1), g.reshape(-1, e)).reshape(-1)]
+        else:
+            parts = [torch.einsum("nse,nsd->ed", g, self.keys).reshape(-1)]
+        if self.plus_one:
+            parts.append(g.sum((0, 1)))
+        return torch.cat(parts)
+
+    def contract(self, other: "PairFactor", mode: Mode) -> torch.Tensor:
+        g1, g2 = self.cotangents, other.cotangents
+        n1, o, s1, e = g1.shape
+        n2, _, s2, _ = g2.shape
+        x = self.key_gram(other)  # (N1, N2, S1, S2)
+        if s1 == 1 and s2 == 1:
+            x = x.reshape(n1, n2)
+            g1, g2 = g1.reshape(n1, o, e), g2.reshape(n2, o, e)
+            if mode == "full":
+                cot = (g1.reshape(n1 * o, e) @ g2.reshape(n2 * o, e).T).reshape(n1, o, n2, o)
+                return cot.mul_(x[:, None, :, None]).permute(0, 2, 1, 3)
+            if mode == "trace":
+                return (g1.reshape(n1, o * e) @ g2.reshape(n2, o * e).T).mul_(x)
+            return torch.bmm(g1.transpose(0, 1), g2.permute(1, 2, 0)).permute(1, 2, 0) * x[:, :, None]
+        if mode == "full":
+            cot = (g1.reshape(n1 * o * s1, e) @ g2.reshape(n2 * o * s2, e).T).reshape(n1, o, s1, n2, o, s2)
+            return torch.einsum("nasmbt,nmst->nmab", cot, x)
+        if mode == "trace":
+            cot = g1.permute(0, 2, 1, 3).reshape(n1 * s1, o * e) @ g2.permute(0, 2, 1, 3).reshape(n2 * s2, o * e).T
+            return torch.einsum("nsmt,nmst->nm", cot.reshape(n1, s1, n2, s2), x)
+        cot = torch.bmm(g1.permute(1, 0, 2, 3).reshape(o, n1 * s1, e), g2.permute(1, 3, 0, 2).reshape(o, e, n2 * s2))
+        return torch.einsum("ansmt,nmst->nma", cot.reshape(o, n1, s1, n2, s2), x)
+
+
+Factor = JacobianFactor | PairFactor

@@ -1,0 +1,56 @@
+"""What a structured rule is: the functional op it covers and how it turns a call into factors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ...._modes import Mode
+from ..factors import Factor
+
+Saved = dict[str, Any]
+Roles = dict[str, str]
+"""Parameter role in the op ("weight", "bias") -> the selected parameter's name."""
+
+
+def bind(names: Sequence[str], args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The op's arguments by name (positional ones named in order)."""
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+class Rule(ABC):
+    """A structured derivative rule for one family of functional ops (F.linear, conv, ...).
+
+    Attributes:
+        functions: the torch functions it covers, as seen by a TorchFunctionMode.
+        arguments: their argument names in order.
+    """
+
+    functions: tuple[Callable, ...] = ()
+    arguments: tuple[str, ...] = ()
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return bind(self.arguments, args, kwargs)
+
+    def parameters(self, call: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Tensors in parameter roles (weight, bias), or None when this call is outside the rule."""
+        return {role: call[role] for role in ("weight", "bias") if call.get(role) is not None}
+
+    @abstractmethod
+    def save(self, call: dict[str, Any], output: torch.Tensor) -> Saved:
+        """What the factors need, detached (the tensors are checked for later in-place changes)."""
+
+    @abstractmethod
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+        """Factors by parameter-name group, from output cotangents (N, O, *output shape[1:])."""
+
+
+def position_sum(cotangents: torch.Tensor, channel_dims: int) -> torch.Tensor:
+    """Σ over positions of cotangents (N, O, *positions, *channels) -> (N, O, prod(channels)): a bias Jacobian."""
+    n, o = cotangents.shape[:2]
+    channels = cotangents.shape[cotangents.dim() - channel_dims:].numel()
+    return cotangents.reshape(n, o, -1, channels).sum(2)

@@ -1,0 +1,49 @@
+"""F.linear: y = x Wᵀ + b at S positions (every leading dimension of x between batch and features)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...._modes import Mode
+from ..factors import Factor, JacobianFactor, PairFactor
+from .base import Roles, Rule, Saved, position_sum
+
+
+def pair_is_cheaper(positions: int, d_in: int, d_out: int, outputs: int, mode: Mode) -> bool:
+    """Position-pair form vs materialised per-sample Jacobians, by FLOPs per pair of samples.
+
+    Pair form: S² (d_in + O^k d_out); Jacobian: O^k d_in d_out, with k = 2 for full, 1 otherwise.
+    """
+    k = 2 if mode == "full" else 1
+    return positions**2 * (d_in + outputs**k * d_out) <= outputs**k * d_in * d_out
+
+
+def linear_factors(keys: torch.Tensor, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+    """Factors of y_s = W k_s (+ b) from keys (N, S, d_in) and cotangents (N, O, S, d_out)."""
+    n, o, s, e = cotangents.shape
+    weight, bias = roles.get("weight"), roles.get("bias")
+    if weight is None:
+        return {(bias,): JacobianFactor(position_sum(cotangents, 1))}
+    if pair_is_cheaper(s, keys.shape[-1], e, o, mode):
+        if bias is None:
+            return {(weight,): PairFactor(keys, cotangents, "dot", plus_one=False)}
+        return {(weight, bias): PairFactor(keys, cotangents, "dot", plus_one=True)}
+    jacobian = torch.einsum("nase,nsd->naed", cotangents, keys).reshape(n, o, -1)
+    if bias is None:
+        return {(weight,): JacobianFactor(jacobian)}
+    return {(weight, bias): JacobianFactor(torch.cat([jacobian, position_sum(cotangents, 1)], dim=2))}
+
+
+class LinearRule(Rule):
+    functions = (F.linear,)
+    arguments = ("input", "weight", "bias")
+
+    def save(self, call: dict, output: torch.Tensor) -> Saved:
+        x = call["input"]
+        return {"keys": x.detach().reshape(x.shape[0], -1, x.shape[-1])}
+
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+        keys = saved["keys"]
+        n, o = cotangents.shape[:2]
+        return linear_factors(keys, cotangents.reshape(n, o, keys.shape[1], -1), roles, mode)
