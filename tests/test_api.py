@@ -10,7 +10,7 @@ import fastntk
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}  # relative to max|K|: rounding of exact algebra
 MODES = ["full", "trace", "diagonal", "trace_mean"]
-METHODS = ["jacobian", "vp"]
+METHODS = ["jacobian", "vp", "structured"]
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:

@@ -57,7 +57,7 @@ def test_the_kernel_is_the_sum_of_the_per_parameter_kernels() -> None:
     assert_rel_close(sum(parts), fastntk.ntk(model, x1, x2), RTOL64)
 
 
-@pytest.mark.parametrize("method", ["jacobian", "vp"])
+@pytest.mark.parametrize("method", ["jacobian", "vp", "structured"])
 def test_a_list_of_names_equals_the_reference_with_the_same_selection(method: str) -> None:
     model = mlp()
     x1, x2 = vectors(4), vectors(3, seed=2)
@@ -117,7 +117,7 @@ def tied() -> Tied:
     return Tied().double()
 
 
-@pytest.mark.parametrize("method", ["jacobian", "vp"])
+@pytest.mark.parametrize("method", ["jacobian", "vp", "structured"])
 def test_alias_of_a_tied_weight_selects_the_canonical_parameter(method: str) -> None:
     model = tied()
     x1, x2 = vectors(4), vectors(3, seed=2)
@@ -328,7 +328,7 @@ def build(cls, *args) -> nn.Module:
 
 
 @pytest.mark.parametrize("cls", [TupleOut, DictOut, NestedOut], ids=["tuple", "dict", "nested"])
-@pytest.mark.parametrize("method", ["jacobian", "vp"])
+@pytest.mark.parametrize("method", ["jacobian", "vp", "structured"])
 def test_structured_outputs_are_concatenated_in_order(cls, method: str) -> None:
     x1, x2 = vectors(4), vectors(3, seed=2)
     structured = fastntk.ntk(build(cls), x1, x2, method=method)

@@ -294,7 +294,7 @@ class SqrtOfSquare(nn.Module):
         return torch.sqrt(self.lin(x) ** 2)
 
 
-@pytest.mark.parametrize("method", ["jacobian", "vp"])
+@pytest.mark.parametrize("method", ["jacobian", "vp", "structured"])
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
 def test_nonfinite_derivative_raises_and_keeps_the_kernel(method: str, mode: str) -> None:
     torch.manual_seed(0)
@@ -306,7 +306,7 @@ def test_nonfinite_derivative_raises_and_keeps_the_kernel(method: str, mode: str
     with pytest.raises(fastntk.NonFiniteError) as info:
         fastntk.ntk(model, x, mode=mode, method=method)
     message = str(info.value)
-    assert "x1[0], x2[1]" in message  # the first pair that touches sample 1
+    assert "x1[0], x1[1]" in message  # the first pair that touches sample 1 (a Gram: both from x1)
     assert ".kernel" in message
     kernel = info.value.kernel
     assert kernel is not None
@@ -346,7 +346,7 @@ def tokens(n: int, length: int = 5, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"ids": torch.randint(0, 10, (n, length), generator=torch.Generator().manual_seed(seed))}
 
 
-@pytest.mark.parametrize("method", ["jacobian", "vp"])
+@pytest.mark.parametrize("method", ["jacobian", "vp", "structured"])
 def test_integer_token_ids_in_a_dict_work(method: str) -> None:
     torch.manual_seed(0)
     model = TokenModel().double()

@@ -19,7 +19,7 @@ import fastntk
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 DTYPES = st.sampled_from([torch.float32, torch.float64])
-METHODS = st.sampled_from(["jacobian", "vp"])
+METHODS = st.sampled_from(["jacobian", "vp", "structured"])
 
 PROPERTY = settings(
     derandomize=True,

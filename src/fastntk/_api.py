@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import numbers
 
 import torch
 from torch import nn
@@ -11,11 +11,13 @@ from ._checks import check_per_sample, check_training_mode
 from ._engine import DEFAULT_MEMORY_BUDGET, block_size_for, compute_kernel
 from ._errors import NonFiniteError, OptionError
 from ._functional import FunctionalModel, ParamSelection, select_parameters
-from ._inputs import Batch, BatchSpec, cast_floating, check_compatible, check_finite, check_fits_model, describe
+from ._inputs import Batch, BatchSpec, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
 from ._modes import MODES, Mode, check_mode
 from .methods import METHODS, KernelMethod
 
 MODE_ALIASES: dict[str, Mode] = {"trace_mean": "trace"}
+PROBE = 3
+"""Samples the model is probed on for batch dependence and randomness."""
 
 
 def method_names() -> tuple[str, ...]:
@@ -49,15 +51,20 @@ class NTKFunction:
         check: bool = True,
         progress: bool = False,
     ) -> None:
+        self.mode: Mode = check_mode_or_alias(mode)
         self.mean = mode in MODE_ALIASES
-        self.mode: Mode = MODE_ALIASES.get(mode) or check_mode_or_alias(mode)
-        if method not in method_names():
+        if not isinstance(method, str) or method not in method_names():
             raise OptionError(f"unknown method {method!r}: use one of {', '.join(map(repr, method_names()))}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and not is_positive_int(chunk_size):
             raise OptionError(f"chunk_size={chunk_size!r}: it must be a positive number of samples per block, or None")
+        if not is_positive_int(memory_budget):
+            raise OptionError(f"memory_budget={memory_budget!r}: it must be a positive number of bytes, e.g. 2 * 1024**3")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise OptionError(f"dtype={dtype!r} is not a floating torch dtype: use e.g. torch.float32 or torch.float64")
         self.model, self.method, self.params, self.dtype = model, method, params, dtype
-        self.chunk_size, self.memory_budget, self.check, self.progress = chunk_size, memory_budget, check, progress
-        self._probed: dict[BatchSpec, int] = {}
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.memory_budget, self.check, self.progress = int(memory_budget), check, progress
+        self._probed: dict[BatchSpec, tuple[int, int]] = {}
         FunctionalModel.build(model, params, dtype)  # validate the model and the selection now
 
     def functional(self) -> FunctionalModel:
@@ -81,9 +88,10 @@ class NTKFunction:
             if x2 is not None:
                 check_finite(x2, "x2")
             f.check_finite_params()
-        if spec not in self._probed:
-            self._probed[spec] = check_per_sample(f, x1, x2)
-        return f, x1, x2, self._probed[spec]
+        available = min(PROBE, batch_size(x1) + (0 if x2 is None else batch_size(x2)))
+        if spec not in self._probed or self._probed[spec][1] < available:
+            self._probed[spec] = check_per_sample(f, x1, x2, PROBE)
+        return f, x1, x2, self._probed[spec][0]
 
     def kernel_method(self, f: FunctionalModel, num_outputs: int) -> KernelMethod:
         """The exact method this call uses."""
@@ -107,24 +115,31 @@ class NTKFunction:
         if self.mean:
             kernel = kernel / num_outputs
         if self.check:
-            check_finite_result(kernel)
+            check_finite_result(kernel, gram=x2 is None)
         return kernel
 
 
+def is_positive_int(value: object) -> bool:
+    """A positive whole number (numpy integers too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def check_mode_or_alias(mode: str) -> Mode:
-    """Validate ``mode``, listing the aliases too in the error."""
-    if mode in MODES:
+    """Validate ``mode`` (aliases resolved), listing the valid ones in the error."""
+    if isinstance(mode, str) and mode in MODES:
         return check_mode(mode)
+    if isinstance(mode, str) and mode in MODE_ALIASES:
+        return MODE_ALIASES[mode]
     raise OptionError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, (*MODES, *MODE_ALIASES)))}")
 
 
-def check_finite_result(kernel: torch.Tensor) -> None:
+def check_finite_result(kernel: torch.Tensor, gram: bool) -> None:
     """Raise NonFiniteError, carrying the kernel, if it holds NaN or inf."""
     bad = ~torch.isfinite(kernel)
     if bool(bad.any()):
         n, m = (int(i) for i in bad.nonzero()[0][:2])
         raise NonFiniteError(
-            f"the kernel contains NaN or inf (first at pair x1[{n}], x2[{m}]) although inputs and parameters are "
+            f"the kernel contains NaN or inf (first at pair x1[{n}], {'x1' if gram else 'x2'}[{m}]) although inputs and parameters are "
             "finite: the model's derivatives overflow or are undefined there (e.g. sqrt or log at 0); "
             "try dtype=torch.float64, or fix the model; the computed kernel is in this error's .kernel",
             kernel=kernel,

@@ -19,10 +19,16 @@ def check_training_mode(model: nn.Module) -> None:
         ModelError: naming the first BatchNorm in training mode or active dropout.
     """
     for name, module in model.named_modules():
-        if not module.training:
+        if not module.training and not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
         label = f"{type(module).__name__} {name or '(the model)'!r}"
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            raise ModelError(
+                f"{label} has track_running_stats=False: it normalises with the statistics of the batch in every "
+                "mode, so one sample's output depends on the others; construct it with track_running_stats=True "
+                "(and call model.eval()), or use LayerNorm/GroupNorm"
+            )
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise ModelError(
                 f"{label} is in training mode: its output for one sample depends on the other samples of the "
                 "batch, so the per-sample NTK is not defined; call model.eval() (uses the running statistics), "
@@ -41,8 +47,8 @@ def tolerance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
-def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int = 3) -> int:
-    """Probe the model on a few samples; return O, the number of outputs per sample.
+def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int = 3) -> tuple[int, int]:
+    """Probe the model on a few samples; return O, the number of outputs per sample, and how many were probed.
 
     The model must be deterministic and give each sample the output it gives it alone.
 
@@ -54,12 +60,15 @@ def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int
     with torch.no_grad(), torch.random.fork_rng(devices=[f.device] if f.device.type == "cuda" else []):
         try:
             together = f(f.primals, x)
+            again = f(f.primals, x)
+            alone = torch.cat([f(f.primals, take(x, i, i + 1)) for i in range(n)])
         except ModelError:
             raise
         except Exception as exc:
-            raise ModelError(f"the model failed on the inputs ({type(exc).__name__}: {exc}); check that x1/x2 have the shapes and structure the model expects") from exc
-        again = f(f.primals, x)
-        alone = torch.cat([f(f.primals, take(x, i, i + 1)) for i in range(n)])
+            raise ModelError(
+                f"the model failed on the inputs ({type(exc).__name__}: {exc}); check that x1/x2 have the shapes "
+                "and structure the model expects, batched on dim 0 (a single sample needs x[None])"
+            ) from exc
     scale = together.abs().max().item() + torch.finfo(f.dtype).tiny
     tol = tolerance(f.dtype) * scale
     if (together - again).abs().max().item() > tol:
@@ -73,4 +82,4 @@ def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int
             "a norm over dim 0 or the like), so the per-sample NTK is not defined; put such layers in eval "
             "mode (model.eval()) or make them per-sample"
         )
-    return together.shape[1]
+    return together.shape[1], n

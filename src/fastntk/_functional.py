@@ -54,7 +54,7 @@ def select_parameters(model: nn.Module, params: ParamSelection) -> list[str]:
     canonical = dict(model.named_parameters())
     alias = {name: _canonical_name(canonical, p) for name, p in model.named_parameters(remove_duplicate=False)}
     if not canonical:
-        raise SelectionError("the model has no parameters: its NTK is empty")
+        raise SelectionError("the model has no parameters, so its NTK is empty: pass a model with parameters to differentiate")
     if params is None:
         chosen = [name for name, p in canonical.items() if p.requires_grad]
         if not chosen:
@@ -125,8 +125,8 @@ class FunctionalModel:
         """Select the parameters and detach every tensor of the module (cast to ``dtype`` if given)."""
         if not isinstance(module, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(module).__name__}")
-        device, dtype = model_device_dtype(module, dtype)
         names = select_parameters(module, params)
+        device, dtype = model_device_dtype(module, dtype)
         cast = lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach()  # noqa: E731
         named = dict(module.named_parameters())
         primals = {name: cast(named[name]) for name in names}

@@ -10,6 +10,7 @@ import copy
 import torch
 from torch import nn
 
+from ._errors import OptionError
 from ._functional import ParamSelection, flatten_output, select_parameters
 from ._inputs import Batch, batch_size, call_model, map_leaves, take
 
@@ -22,7 +23,7 @@ def reference_jacobian(model: nn.Module, x: Batch, params: ParamSelection = None
     model64 = copy.deepcopy(model).to(torch.float64)
     names = select_parameters(model64, params)
     named = dict(model64.named_parameters())
-    theta = [named[name] for name in names]
+    theta = [named[name].requires_grad_(True) for name in names]  # a copy: frozen ones may be selected
     x64 = map_leaves(lambda t: t.to(torch.float64) if t.is_floating_point() else t, x)
     rows = []
     for n in range(batch_size(x64)):
@@ -52,4 +53,4 @@ def reference_ntk(
         return torch.diagonal(full, dim1=2, dim2=3).sum(-1)
     if mode == "trace_mean":
         return torch.diagonal(full, dim1=2, dim2=3).mean(-1)
-    raise ValueError(f"unknown mode {mode!r}")
+    raise OptionError(f"unknown mode {mode!r}: use 'full', 'trace', 'diagonal' or 'trace_mean'")
