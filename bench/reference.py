@@ -138,6 +138,8 @@ def reference_ntk(
         k[rows, cols] = kb
         if mirror:
             k[cols, rows] = kb.permute(*TRANSPOSES[mode])
+        if verbose and cols.stop == (xa if x2 is None else xb).shape[0]:
+            print(f"  rows {rows.start}-{rows.stop} of {xa.shape[0]} done", flush=True)
         del j1, j2, kb
     return k.numpy()
 

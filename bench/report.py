@@ -139,7 +139,7 @@ def ratio_table(records: list[Record], method: str = "fastntk-auto", anchor: str
             ratio_cell(ratio(a, b, "growth_mib"), TARGETS["growth"]),
             "—" if err is None else f"{err:.1e} {'✓' if err <= TARGETS['error'] else '✗'}",
         ])
-    header = [f"workload", f"steady {method}/{anchor} (≤{TARGETS['steady']})",
+    header = ["workload", f"steady {method}/{anchor} (≤{TARGETS['steady']})",
               f"first call (≤{TARGETS['first']})", f"memory growth (≤{TARGETS['growth']})",
               f"max rel err (≤{TARGETS['error']:.0e})"]
     return table(header, rows)
@@ -153,7 +153,12 @@ def anchor_table(records: list[Record]) -> str:
     for w, anchors in ANCHORS.items():
         if not any((w, m) in by_pair for m in cols):
             continue
-        rows.append([w] + [anchor_cell(by_pair.get((w, m)), anchors[m]) for m in cols])
+        cells = [anchor_cell(by_pair.get((w, m)), anchors[m]) for m in cols]
+        sd = by_pair.get((w, "nt-sd"))
+        if sd and sd.get("status") == "ok":
+            cells[-1] += (f"; first {fmt_s(sd['first_s'])} s (anchor {NT_SD_FIRST[w]}),"
+                          f" growth {sd['growth_mib']:.0f} MiB (anchor {NT_SD_GROWTH[w]})")
+        rows.append([w] + cells)
     return table(["workload"] + cols, rows)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +66,7 @@ class NTKFunction:
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.memory_budget, self.check, self.progress = int(memory_budget), check, progress
         self._probed: dict[BatchSpec, tuple[int, int]] = {}
+        self._calibrations: dict[tuple[BatchSpec, str], Any] = {}
         FunctionalModel.build(model, params, dtype)  # validate the model and the selection now
 
     def functional(self) -> FunctionalModel:
@@ -110,8 +112,11 @@ class NTKFunction:
         """
         f, x1, x2, num_outputs = self.prepare(x1, x2)
         method = self.kernel_method(f, num_outputs)
+        key = (describe(x1, "x1"), method.name)
+        method.calibration = self._calibrations.get(key)
         with torch.no_grad():
             kernel = compute_kernel(method, x1, x2, block=self.chunk_size, budget=self.memory_budget, progress=self.progress)
+        self._calibrations[key] = method.calibration
         if self.mean:
             kernel = kernel / num_outputs
         if self.check:

@@ -25,6 +25,19 @@ def block_size_for(method: KernelMethod, budget: int = DEFAULT_MEMORY_BUDGET) ->
     return max(1, budget // (2 * max(1, method.bytes_per_sample())))
 
 
+MIN_SYMMETRIC_BLOCK = 64
+"""A Gram matrix is split into at least four block rows down to blocks of this many samples."""
+
+
+def default_block(method: KernelMethod, budget: int, n: int, symmetric: bool) -> int:
+    """Samples per block: what the budget allows; for a Gram matrix also small enough that
+    computing only the blocks on and above the diagonal saves work."""
+    block = block_size_for(method, budget)
+    if symmetric:
+        block = min(block, max(MIN_SYMMETRIC_BLOCK, -(-n // 4)))
+    return block
+
+
 def block_pairs(n1: int, n2: int, size: int, symmetric: bool) -> Iterator[tuple[int, int, tuple[int, int], tuple[int, int]]]:
     """(i, j, rows, cols) for every block to compute; only j >= i when symmetric."""
     rows, cols = ranges(n1, size), ranges(n2, size)
@@ -61,29 +74,31 @@ def compute_kernel(
     n1, n2 = batch_size(x1), batch_size(other)
     f = method.f
     out = torch.empty(block_shape(method.mode, n1, n2, method.num_outputs), device=f.device, dtype=f.dtype)
-    method.calibrate(first_samples(x1, x2, 2))
-    block = block or block_size_for(method, budget)
+    if method.calibration is None:
+        method.calibrate(first_samples(x1, x2, 2))
+    block = block or default_block(method, budget, n1, symmetric)
     pairs = list(block_pairs(n1, n2, block, symmetric))
-    right_cache: dict[int, Any] = {}
-    keep_right = (block + n2) * method.bytes_per_sample() <= budget
-    left_factors: tuple[int, Any] | None = None
+    shared = symmetric and method.symmetric_factors  # a block's left factors serve as its right ones
+    keep = (block + n2) * method.bytes_per_sample() <= budget
+    cache: dict[int, Any] = {}
+
+    def right_factors(j: int, cols: tuple[int, int]) -> Any:
+        if j not in cache:
+            factors = method.right(take(other, *cols))
+            if not keep:
+                return factors
+            cache[j] = factors
+        return cache[j]
+
+    left: tuple[int, Any] | None = None
     with tqdm(total=len(pairs), desc="kernel blocks", unit="block", disable=not progress or len(pairs) < 2, delay=2.0) as bar:
-        for i, j, (r0, r1), (c0, c1) in pairs:
-            if left_factors is None or left_factors[0] != i:
-                left_factors = (i, method.left(take(x1, r0, r1)))
-                if symmetric and method.symmetric_factors and keep_right:
-                    right_cache[i] = left_factors[1]
-            if symmetric and method.symmetric_factors and i == j:
-                right = left_factors[1]
-            elif j in right_cache:
-                right = right_cache[j]
-            else:
-                right = method.right(take(other, c0, c1))
-                if keep_right:
-                    right_cache[j] = right
-            value = method.contract(left_factors[1], right)
-            out[r0:r1, c0:c1] = value
+        for i, j, rows, cols in pairs:
+            if left is None or left[0] != i:
+                left = (i, right_factors(i, rows) if shared else method.left(take(x1, *rows)))
+            right = left[1] if shared and i == j else right_factors(j, cols)
+            value = method.contract(left[1], right)
+            out[rows[0]:rows[1], cols[0]:cols[1]] = value
             if symmetric and i != j:
-                out[c0:c1, r0:r1] = transpose_block(value, method.mode)
+                out[cols[0]:cols[1], rows[0]:rows[1]] = transpose_block(value, method.mode)
             bar.update()
     return out

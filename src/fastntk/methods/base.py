@@ -23,6 +23,8 @@ class KernelMethod(ABC):
 
     name: str = ""
     symmetric_factors: bool = True
+    calibration: Any = None
+    """What ``calibrate`` learned; reusable by later calls on inputs of the same kind."""
 
     def __init__(self, f: FunctionalModel, mode: Mode, num_outputs: int, *, vmap_chunk: int | None = None) -> None:
         self.f = f

@@ -9,6 +9,7 @@ so every model works and the kernel stays exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,16 +34,32 @@ def mergeable(a: Factor, b: Factor) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which parameter groups are structured, which fall back, and the factors' bytes per sample."""
+
+    groups: frozenset[tuple[str, ...]]
+    fallback: tuple[str, ...]
+    bytes_per_sample: int
+
+
 class StructuredMethod(KernelMethod):
     """Structured derivatives per parameter group, with the Jacobian fallback for the rest."""
 
     name = "structured"
+    calibration: Layout | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fallback: list[str] | None = None
-        self.groups: set[tuple[str, ...]] | None = None
-        self._bytes_per_sample = 0
+    @property
+    def fallback(self) -> list[str]:
+        """Parameters computed by exact per-sample Jacobians (after calibration)."""
+        assert self.calibration is not None, "calibrate first"
+        return list(self.calibration.fallback)
+
+    @property
+    def groups(self) -> frozenset[tuple[str, ...]]:
+        """Parameter groups computed from structured factors (after calibration)."""
+        assert self.calibration is not None, "calibrate first"
+        return self.calibration.groups
 
     def calibrate(self, x: Batch) -> None:
         """Fix which parameter groups are structured, checking each against autograd on x.
@@ -76,10 +93,10 @@ class StructuredMethod(KernelMethod):
             if fallback & set(group):
                 fallback.update(group)
         structured = {group: f for group, f in factors.items() if not fallback & set(group)}
-        self.fallback = sorted(fallback & set(names))
-        self.groups = set(structured)
+        kept = sorted(fallback & set(names))
         bytes_ = sum(f.nbytes() for f in structured.values()) + sum(g.numel() * g.element_size() for g in cotangents if g is not None)
-        self._bytes_per_sample = bytes_ // n + 2 * o * self.f.dtype.itemsize * sum(self.f.primals[p].numel() for p in self.fallback)
+        bytes_ = bytes_ // n + 2 * o * self.f.dtype.itemsize * sum(self.f.primals[p].numel() for p in kept)
+        self.calibration = Layout(frozenset(structured), tuple(kept), bytes_)
 
     def structured_factors(self, uses: list[Use], cotangents: list[torch.Tensor | None]) -> tuple[Factors, set[str]]:
         """Factors by group from each use, and the parameters whose uses cannot be combined."""
@@ -110,9 +127,8 @@ class StructuredMethod(KernelMethod):
         return merged, conflicts
 
     def left(self, x: Batch) -> Factors:
-        if self.fallback is None or self.groups is None:
+        if self.calibration is None:
             self.calibrate(x)
-        assert self.fallback is not None and self.groups is not None
         observed = capture(self.f, x)
         cotangents = output_cotangents(observed.outputs, [use.output for use in observed.uses])
         factors, conflicts = self.structured_factors(observed.uses, cotangents)
@@ -142,7 +158,9 @@ class StructuredMethod(KernelMethod):
         return total
 
     def bytes_per_sample(self) -> int:
-        return self._bytes_per_sample or 2 * self.num_outputs * self.f.num_params * self.f.dtype.itemsize
+        if self.calibration is None:
+            return 2 * self.num_outputs * self.f.num_params * self.f.dtype.itemsize
+        return self.calibration.bytes_per_sample
 
 
 def _samples(factors: Factors) -> int:
