@@ -150,7 +150,7 @@ def test_default_run(tmp_path, monkeypatch, capsys, default_kernel):
     ):
         assert expected in out, expected
     method_line = next(line for line in out.splitlines() if line.startswith("method"))
-    assert method_line.split()[1] in ("jacobian", "vp") and "chosen by auto" in method_line
+    assert method_line.split()[1] in ("jacobian", "vp", "structured") and "chosen by auto" in method_line
     assert "Traceback" not in err
 
 

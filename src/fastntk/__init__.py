@@ -1,6 +1,7 @@
 """fastntk: exact empirical neural tangent kernels of PyTorch models, fast."""
 
-from ._api import NTKFunction, ntk, ntk_fn
+from ._api import NTKFunction, ntk, ntk_fn, plan
+from .plan import Plan
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
 from .reference import reference_ntk
 
@@ -10,6 +11,8 @@ __all__ = [
     "ntk",
     "ntk_fn",
     "NTKFunction",
+    "plan",
+    "Plan",
     "reference_ntk",
     "FastNTKError",
     "InputError",

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from ._checks import check_per_sample, check_training_mode
-from ._engine import DEFAULT_MEMORY_BUDGET, block_size_for, compute_kernel
+from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
 from ._errors import NonFiniteError, OptionError
 from ._functional import FunctionalModel, ParamSelection, select_parameters
 from ._inputs import Batch, BatchSpec, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
 from ._modes import MODES, Mode, check_mode
 from .methods import METHODS, KernelMethod
+from .plan import Plan, make_plan
 
 MODE_ALIASES: dict[str, Mode] = {"trace_mean": "trace"}
 PROBE = 3
@@ -24,12 +25,6 @@ PROBE = 3
 def method_names() -> tuple[str, ...]:
     """Every valid ``method``: "auto" and the exact methods."""
     return ("auto", *METHODS)
-
-
-def choose_method(f: FunctionalModel, mode: Mode, num_outputs: int, budget: int) -> KernelMethod:
-    """The "auto" rule: Jacobian contraction while 8 samples of Jacobians fit the budget, else vp."""
-    jacobian = METHODS["jacobian"](f, mode, num_outputs)
-    return jacobian if block_size_for(jacobian, budget) >= 8 else METHODS["vp"](f, mode, num_outputs)
 
 
 class NTKFunction:
@@ -67,6 +62,7 @@ class NTKFunction:
         self.memory_budget, self.check, self.progress = int(memory_budget), check, progress
         self._probed: dict[BatchSpec, tuple[int, int]] = {}
         self._calibrations: dict[tuple[BatchSpec, str], Any] = {}
+        self._choices: dict[tuple[BatchSpec, int, int | None], str] = {}
         FunctionalModel.build(model, params, dtype)  # validate the model and the selection now
 
     def functional(self) -> FunctionalModel:
@@ -95,11 +91,36 @@ class NTKFunction:
             self._probed[spec] = check_per_sample(f, x1, x2, PROBE)
         return f, x1, x2, self._probed[spec][0]
 
-    def kernel_method(self, f: FunctionalModel, num_outputs: int) -> KernelMethod:
-        """The exact method this call uses."""
-        if self.method == "auto":
-            return choose_method(f, self.mode, num_outputs, self.memory_budget)
-        return METHODS[self.method](f, self.mode, num_outputs)
+    def calibrated(self, name: str, f: FunctionalModel, num_outputs: int, spec: BatchSpec) -> KernelMethod:
+        """Method ``name`` bound to f, with what an earlier call on such inputs learned."""
+        method = METHODS[name](f, self.mode, num_outputs)
+        method.calibration = self._calibrations.get((spec, name))
+        return method
+
+    def plan(self, x1: Batch, x2: Batch | None = None) -> Plan:
+        """The cost estimates for K(x1, x2) and the method this function uses for it.
+
+        With method="auto" that is the cheapest estimate; otherwise the method asked for.
+        """
+        f, x1, x2, num_outputs = self.prepare(x1, x2)
+        spec = describe(x1, "x1")
+        structured = self.calibrated("structured", f, num_outputs, spec)
+        plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured)
+        self._calibrations[(spec, "structured")] = methods["structured"].calibration
+        if self.method != "auto":
+            plan.chosen = self.method
+        return plan
+
+    def kernel_method(self, f: FunctionalModel, num_outputs: int, x1: Batch, x2: Batch | None) -> KernelMethod:
+        """The exact method this call uses (for "auto", chosen once per kind and size of input)."""
+        spec = describe(x1, "x1")
+        name = self.method
+        if name == "auto":
+            key = (spec, batch_size(x1), None if x2 is None else batch_size(x2))
+            if key not in self._choices:
+                self._choices[key] = self.plan(x1, x2).chosen
+            name = self._choices[key]
+        return self.calibrated(name, f, num_outputs, spec)
 
     def __call__(self, x1: Batch, x2: Batch | None = None) -> torch.Tensor:
         """The kernel between x1 (N1 samples) and x2 (N2 samples; None: x1 itself).
@@ -111,12 +132,10 @@ class NTKFunction:
             InputError, ModelError, SelectionError, OptionError, NonFiniteError: see the messages.
         """
         f, x1, x2, num_outputs = self.prepare(x1, x2)
-        method = self.kernel_method(f, num_outputs)
-        key = (describe(x1, "x1"), method.name)
-        method.calibration = self._calibrations.get(key)
+        method = self.kernel_method(f, num_outputs, x1, x2)
         with torch.no_grad():
             kernel = compute_kernel(method, x1, x2, block=self.chunk_size, budget=self.memory_budget, progress=self.progress)
-        self._calibrations[key] = method.calibration
+        self._calibrations[(describe(x1, "x1"), method.name)] = method.calibration
         if self.mean:
             kernel = kernel / num_outputs
         if self.check:
@@ -197,7 +216,7 @@ def ntk(
         mode: "full" -> (N1, N2, O, O); "trace" -> (N1, N2), the SUM over the O outputs;
             "diagonal" -> (N1, N2, O); "trace_mean" -> (N1, N2), the mean over outputs
             (what neural-tangents' ``trace_axes`` returns).
-        method: "jacobian", "vp" or "auto".
+        method: "jacobian", "vp", "structured" or "auto" (the cheapest by :func:`plan`'s estimates).
         params: None (all with requires_grad), a list of names, or a predicate
             ``(name, parameter) -> bool``. Buffers are used, never differentiated.
         chunk_size: samples per block; bounds the memory of per-sample factors.
@@ -223,3 +242,18 @@ def ntk(
         model, mode=mode, method=method, params=params, chunk_size=chunk_size, dtype=dtype,
         memory_budget=memory_budget, check=check, progress=progress,
     )(x1, x2)
+
+
+def plan(
+    model: nn.Module,
+    x1: Batch,
+    x2: Batch | None = None,
+    *,
+    mode: str = "full",
+    params: ParamSelection = None,
+    dtype: torch.dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Plan:
+    """The estimated cost of each exact method for :func:`ntk` with these arguments, and the
+    one ``method="auto"`` picks. ``print(fastntk.plan(model, x1, x2))`` shows the table."""
+    return ntk_fn(model, mode=mode, params=params, dtype=dtype, memory_budget=memory_budget).plan(x1, x2)

@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = compute.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", default="ntk.npy", help="where to write the kernel: .npy or .pt (default: ntk.npy)")
     out.add_argument("--no-spectrum", action="store_true", help="skip the spectrum summary of the Gram matrix of x1")
+    out.add_argument("--plan", action="store_true", help="print the cost plan: estimated FLOPs and memory of every exact method")
     out.add_argument("--quiet", action="store_true", help="no progress bar and no summary: print only the path written")
     out.add_argument("--debug", action="store_true", help="print the traceback of errors")
     compute.set_defaults(func=run_compute)
@@ -438,16 +439,6 @@ def save_kernel(kernel: torch.Tensor, path: Path) -> None:
 # ---------------------------------------------------------------------------- compute
 
 
-def resolve(fn: Any, x1: Any, x2: Any) -> tuple[str, int | None]:
-    """The exact method "auto" (or the given one) resolves to, and O, if the library exposes them."""
-    prepare = getattr(fn, "prepare", None)
-    kernel_method = getattr(fn, "kernel_method", None)
-    if prepare is None or kernel_method is None:  # pragma: no cover - only if the library's internals moved
-        return str(getattr(fn, "method", "auto")), None
-    f, _, _, num_outputs = prepare(x1, x2)
-    return str(getattr(kernel_method(f, num_outputs), "name", None) or getattr(fn, "method", "auto")), int(num_outputs)
-
-
 def gram_of_result(kernel: torch.Tensor, mode: str) -> torch.Tensor:
     """The (N1, N1) Gram matrix over outputs from a kernel K(x1, x1) of any mode."""
     if mode == "full":
@@ -499,7 +490,8 @@ def run_compute(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    method, num_outputs = resolve(fn, x1, x2)
+    plan = fn.plan(x1, x2)
+    method, num_outputs = plan.chosen, plan.num_outputs
     say(f"fastntk {__version__}: empirical NTK")
     say(f"model     {model_label}: P = {count_parameters(model):,} parameters, O = {num_outputs if num_outputs is not None else '?'} outputs, "
         f"{'training' if model.training else 'eval'} mode, {device}")
@@ -507,7 +499,9 @@ def run_compute(args: argparse.Namespace) -> int:
     say(f"x2        {describe_batch(x2) + '  from ' + x2_label if x2 is not None else 'None: the Gram matrix K(x1, x1)'}"
         + (f" (cast {', '.join(casts2)})" if casts2 else ""))
     say(f"mode      {args.mode}")
-    say(f"method    {method}" + (" (chosen by auto)" if args.method == "auto" and method != "auto" else ""))
+    say(f"method    {method}" + (" (chosen by auto)" if args.method == "auto" else ""))
+    if args.plan:
+        say(textwrap.indent(str(plan), "          "))
     sys.stdout.flush()
     kernel = fn(x1, x2)
     if device.type == "cuda":

@@ -44,6 +44,11 @@ class JacobianFactor:
         """Σ_{n,a} weights[n, a] J[n, a]: the gradient these factors imply, flattened."""
         return torch.einsum("na,nap->p", weights, self.jacobian)
 
+    def pair_flops(self, mode: Mode) -> float:
+        """FLOPs of contracting one pair of samples."""
+        o, p = self.jacobian.shape[1:]
+        return 2.0 * (o * o if mode == "full" else o) * p
+
     def merge(self, other: "JacobianFactor") -> "JacobianFactor":
         """Two uses of one parameter: their Jacobians add."""
         return JacobianFactor(self.jacobian + other.jacobian)
@@ -76,6 +81,12 @@ class PairFactor:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.cotangents))
+
+    def pair_flops(self, mode: Mode) -> float:
+        """FLOPs of contracting one pair of samples: S² (d + O^k e), k = 2 for full, else 1."""
+        o, s, e = self.cotangents.shape[1:]
+        d = self.keys.shape[-1] if self.kind == "dot" else 1
+        return 2.0 * s * s * (d + (o * o if mode == "full" else o) * e)
 
     def key_gram(self, other: "PairFactor") -> torch.Tensor:
         gram = dot_gram if self.kind == "dot" else index_gram

@@ -41,6 +41,10 @@ class Layout:
     groups: frozenset[tuple[str, ...]]
     fallback: tuple[str, ...]
     bytes_per_sample: int
+    pair_flops: dict[tuple[str, ...], float]
+    """FLOPs of contracting one pair of samples, per structured group."""
+    kinds: dict[tuple[str, ...], str]
+    """How each structured group is contracted: "pair" (input and cotangent Grams) or "jacobian"."""
 
 
 class StructuredMethod(KernelMethod):
@@ -96,7 +100,13 @@ class StructuredMethod(KernelMethod):
         kept = sorted(fallback & set(names))
         bytes_ = sum(f.nbytes() for f in structured.values()) + sum(g.numel() * g.element_size() for g in cotangents if g is not None)
         bytes_ = bytes_ // n + 2 * o * self.f.dtype.itemsize * sum(self.f.primals[p].numel() for p in kept)
-        self.calibration = Layout(frozenset(structured), tuple(kept), bytes_)
+        self.calibration = Layout(
+            frozenset(structured),
+            tuple(kept),
+            bytes_,
+            {group: f.pair_flops(self.mode) for group, f in structured.items()},
+            {group: "pair" if isinstance(f, PairFactor) else "jacobian" for group, f in structured.items()},
+        )
 
     def structured_factors(self, uses: list[Use], cotangents: list[torch.Tensor | None]) -> tuple[Factors, set[str]]:
         """Factors by group from each use, and the parameters whose uses cannot be combined."""

@@ -1,0 +1,135 @@
+"""A cost model from shapes: estimated FLOPs and bytes per exact method, and the cheapest plan.
+
+Every exact method first needs, per sample, a forward pass and O reverse passes
+(≈ 3 forward passes each): the Jacobian method to form J, the structured method to get
+layer inputs and output cotangents. They differ in the contraction:
+
+* jacobian:   2·N1·N2·O^k·P (k = 2 for "full", 1 for "trace"/"diagonal")
+* structured: N1·N2·Σ_groups c_g, with c_g each group's per-pair cost (input Gram plus
+  cotangent Gram, or its Jacobian contraction), plus the jacobian cost of fallback parameters
+* vp:         no contraction, but N2·O forward-mode passes over all N1 samples: 3·N1·N2·O·[FP]
+
+[FP] is measured with torch's FlopCounterMode on one sample. Factors that do not fit the
+memory budget beside a block are recomputed for every block row, which the model counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ._engine import default_block
+from ._functional import FunctionalModel
+from ._inputs import Batch, batch_size, take
+from ._modes import Mode
+from .methods import METHODS, KernelMethod, StructuredMethod
+
+BACKWARD_FACTOR = 3.0
+"""A reverse pass (with its forward) costs about this many forward passes."""
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """One parameter group of the structured method."""
+
+    parameters: tuple[str, ...]
+    kind: str
+    """"pair" (input and cotangent Grams), "jacobian" (per-sample Jacobians), "fallback" (by autograd)."""
+    flops: float
+    """Estimated FLOPs of contracting this group over all sample pairs."""
+
+
+@dataclass
+class Plan:
+    """Estimated cost of each exact method for one kernel, and the chosen one.
+
+    Attributes:
+        n1, n2, num_outputs, num_params, mode: the problem (n2 = None: a Gram matrix).
+        forward_flops: [FP], FLOPs of one sample's forward pass.
+        flops, bytes_per_sample: estimates per method ("jacobian", "vp", "structured").
+        groups: the structured method's parameter groups and their contraction FLOPs.
+        chosen: the method with the fewest estimated FLOPs.
+    """
+
+    n1: int
+    n2: int | None
+    num_outputs: int
+    num_params: int
+    mode: Mode
+    forward_flops: float
+    flops: dict[str, float]
+    bytes_per_sample: dict[str, int]
+    groups: list[GroupCost] = field(default_factory=list)
+    chosen: str = "structured"
+
+    def __str__(self) -> str:
+        pairs = f"{self.n1}x{self.n1 if self.n2 is None else self.n2}{' (Gram)' if self.n2 is None else ''}"
+        lines = [
+            f"fastntk plan: {pairs} samples, O={self.num_outputs}, P={self.num_params:,}, mode={self.mode}, "
+            f"forward {self.forward_flops / 1e6:.3g} MFLOP/sample",
+            f"{'method':<12}{'est. GFLOP':>12}{'MiB/sample':>12}",
+        ]
+        for name, flops in sorted(self.flops.items(), key=lambda kv: kv[1]):
+            mark = "  <- chosen" if name == self.chosen else ""
+            lines.append(f"{name:<12}{flops / 1e9:>12.3f}{self.bytes_per_sample[name] / 2**20:>12.2f}{mark}")
+        if self.groups:
+            lines.append("structured method, contraction per parameter group (GFLOP):")
+            for g in self.groups:
+                lines.append(f"  {', '.join(g.parameters):<50} {g.kind:<9} {g.flops / 1e9:.4f}")
+        return "\n".join(lines)
+
+
+def forward_flops(f: FunctionalModel, x: Batch) -> float:
+    """FLOPs of one sample's forward pass (matmuls and convolutions), at least one per output."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        out = f(f.primals, take(x, 0, 1))
+    return float(max(counter.get_total_flops(), out.numel()))
+
+
+def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: int) -> float:
+    """Estimated FLOPs of ``method`` on an n1 x n2 kernel (n2 None: Gram)."""
+    o, p, mode = method.num_outputs, method.f.num_params, method.mode
+    symmetric = n2 is None
+    m = n1 if symmetric else n2
+    pairs = n1 * (n1 + 1) / 2 if symmetric else n1 * m
+    factor_samples = n1 if symmetric else n1 + m
+    block = default_block(method, budget, n1, symmetric)
+    rows = -(-n1 // block)
+    if (block + m) * method.bytes_per_sample() > budget:  # right factors recomputed per block row
+        factor_samples = n1 + rows * m
+    per_sample = fp + o * BACKWARD_FACTOR * fp
+    k = o * o if mode == "full" else o
+    if method.name == "vp":
+        return m * rows * per_sample + 3.0 * n1 * m * o * fp
+    if method.name == "jacobian":
+        return factor_samples * per_sample + 2.0 * pairs * k * p
+    assert isinstance(method, StructuredMethod) and method.calibration is not None
+    layout = method.calibration
+    fallback = sum(method.f.primals[name].numel() for name in layout.fallback)
+    return factor_samples * per_sample + pairs * (sum(layout.pair_flops.values()) + 2.0 * k * fallback)
+
+
+def make_plan(f: FunctionalModel, x1: Batch, x2: Batch | None, mode: Mode, num_outputs: int, budget: int, structured: StructuredMethod | None = None) -> tuple[Plan, dict[str, KernelMethod]]:
+    """Cost every exact method and choose; returns the plan and the (calibrated) methods."""
+    methods = {name: cls(f, mode, num_outputs) for name, cls in METHODS.items()}
+    if structured is not None:
+        methods["structured"] = structured
+    probe = take(x1, 0, min(2, batch_size(x1)))
+    if methods["structured"].calibration is None:
+        methods["structured"].calibrate(probe)
+    fp = forward_flops(f, x1)
+    n1, n2 = batch_size(x1), None if x2 is None else batch_size(x2)
+    flops = {name: estimate(m, n1, n2, fp, budget) for name, m in methods.items()}
+    layout = methods["structured"].calibration
+    pairs = n1 * (n1 + 1) / 2 if n2 is None else n1 * n2
+    k = num_outputs**2 if mode == "full" else num_outputs
+    groups = [GroupCost(g, layout.kinds[g], pairs * layout.pair_flops[g]) for g in sorted(layout.groups)]
+    groups += [GroupCost((name,), "fallback", pairs * 2.0 * k * f.primals[name].numel()) for name in layout.fallback]
+    plan = Plan(
+        n1, n2, num_outputs, f.num_params, mode, fp, flops,
+        {name: m.bytes_per_sample() for name, m in methods.items()}, groups, min(flops, key=flops.get),
+    )
+    return plan, methods
