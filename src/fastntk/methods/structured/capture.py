@@ -111,4 +111,4 @@ def output_cotangents(outputs: torch.Tensor, tensors: list[torch.Tensor], retain
     except RuntimeError:  # an op without a batching rule for its backward: one pass per output
         rows = [torch.autograd.grad(outputs, tensors, basis[a], retain_graph=retain_graph or a < o - 1, allow_unused=True) for a in range(o)]
         grads = tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
-    return [None if g is None else g.movedim(0, 1) for g in grads]
+    return [None if g is None else g.movedim(0, 1).contiguous() for g in grads]  # once here, not per contraction

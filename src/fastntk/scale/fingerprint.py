@@ -1,0 +1,74 @@
+"""Fingerprints: what a kernel on disk was computed from, so a resumed run can be checked against it.
+
+A fingerprint is a dict of named sha256 digests and settings:
+
+* ``model``: the class, every parameter and buffer (name, dtype, shape, bytes, as the kernel
+  sees them: cast to the compute dtype), which parameters are differentiated, and the
+  train/eval flag of every submodule. The model's *code* is not hashed; its class name is.
+* ``x1``, ``x2``: every sample as the model receives it (after ``select``), streamed in chunks.
+* ``settings``: mode, compute dtype, N1, N2, O, fastntk's version.
+
+The plan (method, block size, the structured method's calibration) is stored beside it and
+checked separately, since it follows from the fingerprint and the memory budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from .._functional import FunctionalModel
+from .data import Source
+
+LABELS = {
+    "model": "the model's weights, buffers, parameter selection or train/eval mode",
+    "x1": "the inputs data1",
+    "x2": "the inputs data2",
+    "settings": "the settings (mode, dtype, sizes or fastntk version)",
+}
+
+
+def tensor_bytes(t: torch.Tensor) -> Any:
+    """A tensor's bytes as a buffer (any dtype, any device)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def model_digest(f: FunctionalModel) -> str:
+    """sha256 of the model as a function: class, tensors, selection, train/eval flags."""
+    module = f.module
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    h.update(("selected:" + ",".join(f.primals)).encode())
+    h.update(("training:" + "".join("1" if m.training else "0" for m in module.modules())).encode())
+    tensors = {**f.constants, **f.primals}
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def fingerprint(f: FunctionalModel, x1: Source, x2: Source | None, settings: dict[str, Any], chunk_bytes: int) -> dict[str, Any]:
+    """The fingerprint of a kernel computation (see the module docstring)."""
+    return {
+        "model": model_digest(f),
+        "x1": x1.digest(chunk_bytes),
+        "x2": None if x2 is None else x2.digest(chunk_bytes),
+        "settings": dict(settings),
+    }
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable descriptions of what differs between two fingerprints."""
+    out = []
+    for key, label in LABELS.items():
+        a, b = stored.get(key), current.get(key)
+        if a == b:
+            continue
+        if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            changed = [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out.append(f"the settings ({'; '.join(changed)})")
+        else:
+            out.append(label)
+    return out
