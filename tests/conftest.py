@@ -19,6 +19,19 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 DTYPES = [torch.float32, torch.float64]
 
 
+RTOL64 = 1e-10
+"""float64 results of different but exact algorithms agree to this, relative to max|K|
+(rounding grows with the size of the contractions; 1e-10 leaves room for millions of terms)."""
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """max|actual − expected| <= rtol · max|expected| (and equal shapes)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = expected.abs().max().item()
+    error = (actual.double() - expected.double()).abs().max().item()
+    assert error <= rtol * scale, f"max error {error:.3g} vs max|K| {scale:.3g}"
+
+
 def rtol(dtype: torch.dtype) -> float:
     """Relative tolerance of a kernel against the float64 reference: 500 ulps of ``dtype``."""
     return 500 * torch.finfo(dtype).eps

@@ -7,17 +7,13 @@ import torch
 from torch import nn
 
 import fastntk
+from conftest import assert_rel_close
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}  # relative to max|K|: rounding of exact algebra
 MODES = ["full", "trace", "diagonal", "trace_mean"]
 METHODS = ["jacobian", "vp", "structured"]
 
 
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = expected.abs().max().item()
-    error = (actual.double() - expected.double()).abs().max().item()
-    assert error <= rtol * scale, f"max error {error:.3g} vs max|K| {scale:.3g}"
 
 
 def mlp(dtype: torch.dtype = torch.float64, outputs: int = 3) -> nn.Sequential:

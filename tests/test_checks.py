@@ -12,17 +12,9 @@ import torch
 from torch import nn
 
 import fastntk
+from conftest import RTOL64, assert_rel_close
 
 # Tolerance of float64 results that must agree up to rounding (exact algebra, different summation order).
-RTOL64 = 1e-10
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    """max|actual - expected| <= rtol * max|expected|, shapes equal."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = expected.abs().max().item()
-    error = (actual.double() - expected.double()).abs().max().item()
-    assert error <= rtol * scale, f"max error {error:.3g} vs max|K| {scale:.3g}"
 
 
 def seeded(seed: int = 0) -> None:

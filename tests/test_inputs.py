@@ -11,15 +11,8 @@ import torch
 from torch import nn
 
 import fastntk
+from conftest import RTOL64, assert_rel_close
 
-RTOL64 = 1e-10  # float64 results that agree up to rounding
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = expected.abs().max().item()
-    error = (actual.double() - expected.double()).abs().max().item()
-    assert error <= rtol * scale, f"max error {error:.3g} vs max|K| {scale:.3g}"
 
 
 def mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:

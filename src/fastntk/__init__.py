@@ -4,6 +4,7 @@ from ._api import NTKFunction, ntk, ntk_fn, plan
 from .plan import Plan
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
 from .reference import reference_ntk
+from .scale import ResumeError, gram
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,8 @@ __all__ = [
     "plan",
     "Plan",
     "reference_ntk",
+    "gram",
+    "ResumeError",
     "FastNTKError",
     "InputError",
     "ModelError",

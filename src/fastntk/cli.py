@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--quiet", action="store_true", help="no progress bar and no summary: print only the path written")
     out.add_argument("--debug", action="store_true", help="print the traceback of errors")
     compute.set_defaults(func=run_compute)
+
+    from .scale.command import add_parser as add_gram_parser  # `fastntk gram`: large kernels block by block
+
+    add_gram_parser(commands)
     return parser
 
 

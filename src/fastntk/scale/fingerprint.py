@@ -23,10 +23,10 @@ from .._functional import FunctionalModel
 from .data import Source
 
 LABELS = {
-    "model": "the model's weights, buffers, parameter selection or train/eval mode",
+    "model": "the model (its weights, buffers, parameter selection or train/eval mode)",
     "x1": "the inputs data1",
     "x2": "the inputs data2",
-    "settings": "the settings (mode, dtype, sizes or fastntk version)",
+    "settings": "the settings",
 }
 
 
