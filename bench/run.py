@@ -184,9 +184,11 @@ def measure_pair(workload: str, method: str, args: argparse.Namespace) -> dict[s
     if cmd is None:
         return {"workload": workload, "method": method, "status": "not installed",
                 "error": "no .venv-nt: run bash bench/setup_nt_env.sh"}
+    load_before = os.getloadavg()[0]
     run = run_capped(cmd, args.timeout, args.mem_limit_gb)
     record = parse_result(run)
-    record.update(workload=workload, method=method, rc=run["rc"], process_wall_s=run["wall_s"])
+    record.update(workload=workload, method=method, rc=run["rc"], process_wall_s=run["wall_s"],
+                  loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0])
     return record
 
 
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             rec = measure_pair(w, m, args)
             records.append(rec)
-            sys.stderr.write(f"{rec['status']} ({rec.get('process_wall_s', 0):.1f} s)\n")
+            sys.stderr.write(f"{rec['status']} ({rec.get('process_wall_s', 0):.1f} s, "
+                             f"load {rec.get('loadavg_1m_before', 0):.1f})\n")
 
     nt_versions = next((r["versions"] for r in records if "versions" in r), None)
     doc = {

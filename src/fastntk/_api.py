@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -104,7 +106,8 @@ class NTKFunction:
         f, x1, x2, num_outputs = self.prepare(x1, x2)
         spec = describe(x1, "x1")
         structured = self.calibrated("structured", f, num_outputs, spec)
-        plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured)
+        with quiet_vmap_fallback():
+            plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured)
         self._calibrations[(spec, "structured")] = methods["structured"].calibration
         if self.method != "auto":
             plan.chosen = self.method
@@ -132,7 +135,7 @@ class NTKFunction:
         """
         f, x1, x2, num_outputs = self.prepare(x1, x2)
         method = self.kernel_method(f, num_outputs, x1, x2)
-        with torch.no_grad():
+        with torch.no_grad(), quiet_vmap_fallback():
             kernel = compute_kernel(method, x1, x2, block=self.chunk_size, budget=self.memory_budget, progress=self.progress)
         self._calibrations[(describe(x1, "x1"), method.name)] = method.calibration
         if self.mean:
@@ -145,6 +148,18 @@ class NTKFunction:
                 raise
             check_finite_result(kernel, gram=x2 is None)
         return kernel
+
+
+@contextlib.contextmanager
+def quiet_vmap_fallback() -> Iterator[None]:
+    """Silence torch.func's "performance drop" warnings for ops without a batching rule.
+
+    They repeat on every call (and format source lines each time); fastntk's cost model
+    and methods already account for such ops.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+        yield
 
 
 def is_positive_int(value: object) -> bool:

@@ -9,16 +9,13 @@ layer inputs and output cotangents. They differ in the contraction:
   cotangent Gram, or its Jacobian contraction), plus the jacobian cost of fallback parameters
 * vp:         no contraction, but N2·O forward-mode passes over all N1 samples: 3·N1·N2·O·[FP]
 
-[FP] is measured with torch's FlopCounterMode on one sample. Factors that do not fit the
+[FP] is counted by the structured method's capture (matmuls and convolutions) on the probe. Factors that do not fit the
 memory budget beside a block are recomputed for every block row, which the model counts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ._engine import default_block
 from ._functional import FunctionalModel
@@ -81,14 +78,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def forward_flops(f: FunctionalModel, x: Batch) -> float:
-    """FLOPs of one sample's forward pass (matmuls and convolutions), at least one per output."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        out = f(f.primals, take(x, 0, 1))
-    return float(max(counter.get_total_flops(), out.numel()))
-
-
 def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: int) -> float:
     """Estimated FLOPs of ``method`` on an n1 x n2 kernel (n2 None: Gram)."""
     o, p, mode = method.num_outputs, method.f.num_params, method.mode
@@ -120,7 +109,7 @@ def make_plan(f: FunctionalModel, x1: Batch, x2: Batch | None, mode: Mode, num_o
     probe = take(x1, 0, min(2, batch_size(x1)))
     if methods["structured"].calibration is None:
         methods["structured"].calibrate(probe)
-    fp = forward_flops(f, x1)
+    fp = max(methods["structured"].calibration.forward_flops, float(num_outputs))
     n1, n2 = batch_size(x1), None if x2 is None else batch_size(x2)
     flops = {name: estimate(m, n1, n2, fp, budget) for name, m in methods.items()}
     layout = methods["structured"].calibration

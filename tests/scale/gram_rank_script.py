@@ -18,7 +18,7 @@ parser.add_argument("x")
 parser.add_argument("out")
 parser.add_argument("--x2")
 parser.add_argument("--memory", action="store_true", help="in-memory result, gathered to rank 0 (saved to OUT)")
-parser.add_argument("--die-after", type=int, help="rank 1 exits abruptly after this many blocks")
+parser.add_argument("--die-after", type=int, help="rank 1 exits abruptly after this many blocks (first attempt only)")
 args = parser.parse_args()
 rank = int(os.environ["RANK"])
 count = [0]
@@ -26,7 +26,8 @@ count = [0]
 
 def hook(block) -> None:
     count[0] += 1
-    if rank == 1 and args.die_after is not None and count[0] == args.die_after:
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if rank == 1 and first_attempt and args.die_after is not None and count[0] == args.die_after:
         os._exit(17)  # a crash: no cleanup, no exception
 
 
@@ -39,4 +40,5 @@ if args.memory:
         np.save(args.out, result.numpy())
     else:
         assert result is None
-print(f"rank {rank} computed {count[0]} blocks", flush=True)
+restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+print(f"rank {rank} computed {count[0]} blocks (restart {restart})", flush=True)

@@ -50,8 +50,8 @@ def test_disk_equals_memory_bit_for_bit(tmp_path, mode: str, symmetric: bool) ->
 def test_gram_computes_only_blocks_on_and_above_the_diagonal() -> None:
     seen = []
     fastntk.gram(mlp(), inputs(23, 1), block_size=5, progress=False, on_block=seen.append)
-    assert [(b.i, b.j) for b in seen] == [(i, j) for i in range(5) for j in range(i, 5)]
-    assert seen[-1].rows == (20, 23)  # ragged last block, no divisibility rule
+    assert sorted((b.i, b.j) for b in seen) == [(i, j) for i in range(5) for j in range(i, 5)]
+    assert max(b.rows for b in seen) == (20, 23)  # ragged last block, no divisibility rule
 
 
 def test_factors_computed_once_per_block_when_the_budget_holds_them(caplog) -> None:

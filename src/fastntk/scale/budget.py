@@ -94,3 +94,25 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def limit_heap_retention(threshold: int = 128 * 1024) -> bool:
+    """Make glibc's malloc return memory freed after each block to the system (``fastntk gram`` does).
+
+    glibc raises its mmap threshold whenever a large block is freed (up to 32 MiB), after which
+    freed blocks stay in a fragmented heap: a process's peak RSS can then reach two or three
+    times ``max_memory``. Fixing the threshold at glibc's initial 128 KiB (what the environment
+    variable ``MALLOC_MMAP_THRESHOLD_=131072`` does) keeps it near the budget. This setting is
+    process-wide, so the library leaves it to the caller.
+
+    Returns:
+        Whether it took effect (False where the C library is not glibc).
+    """
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))

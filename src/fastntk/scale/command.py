@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import store
-from .budget import parse_memory
+from .budget import limit_heap_retention, parse_memory
 
 MODES = ("trace", "trace_mean", "diagonal", "full")
 
@@ -116,12 +116,13 @@ def configure_logging(args: argparse.Namespace, rank: int) -> None:
     """Log fastntk.gram to stderr: INFO, DEBUG with --verbose, WARNING with --quiet."""
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logger = logging.getLogger("fastntk")
-    if not any(getattr(h, "_fastntk_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(name)s: %(message)s", "%H:%M:%S"))
-        handler._fastntk_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    for old in [h for h in logger.handlers if getattr(h, "_fastntk_cli", False)]:
+        logger.removeHandler(old)  # main() may run several times in one process (tests): use today's stderr
+    handler = logging.StreamHandler(sys.stderr)
+    prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(name)s: %(message)s", "%H:%M:%S"))
+    handler._fastntk_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
     logger.setLevel(level)
 
 
@@ -133,6 +134,7 @@ def run_gram(args: argparse.Namespace) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(args, rank)
+    limit_heap_retention()  # this process is ours: keep its RSS near --max-memory
     say: Callable[..., None] = (lambda *a, **k: None) if args.quiet or rank != 0 else print
     try:
         budget = parse_memory(args.max_memory, "--max-memory")
@@ -161,11 +163,14 @@ def run_gram(args: argparse.Namespace) -> int:
     say(f"mode      {args.mode}, max memory {args.max_memory} ({budget:,} bytes)")
     sys.stdout.flush()
     start = time.perf_counter()
-    kernel = fastntk.gram(
-        model, x1, x2, mode=args.mode, method=args.method, max_memory=budget, out=out_path, resume=args.resume,
-        overwrite=args.overwrite, block_size=args.block_size, dtype=dtype, progress=not args.quiet and rank == 0,
-        durable=not args.no_fsync,
-    )
+    try:
+        kernel = fastntk.gram(
+            model, x1, x2, mode=args.mode, method=args.method, max_memory=budget, out=out_path, resume=args.resume,
+            overwrite=args.overwrite, block_size=args.block_size, dtype=dtype, progress=not args.quiet and rank == 0,
+            durable=not args.no_fsync,
+        )
+    except (fastntk.ResumeError, fastntk.OptionError) as exc:
+        raise type(exc)(in_cli_terms(str(exc))) from exc
     elapsed = time.perf_counter() - start
     meta = store.read_meta(out_path) or {}
     plan = meta.get("plan", {})
@@ -179,6 +184,15 @@ def run_gram(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"wrote     {out_path.resolve()}" if not args.quiet else str(out_path.resolve()))
     return 0
+
+
+def in_cli_terms(message: str) -> str:
+    """A library message with the options named as the command line spells them."""
+    for library, flag in (("resume=True", "--resume"), ("overwrite=True", "--overwrite"), ("block_size=", "--block-size "),
+                          ("block_size", "--block-size"), ("max_memory=", "--max-memory "), ("max_memory", "--max-memory"),
+                          ("method=", "--method "), ("out=", "--out ")):
+        message = message.replace(library, flag)
+    return message
 
 
 def move(x: Any, device: torch.device) -> Any:

@@ -42,7 +42,7 @@ from .budget import block_for_budget, format_bytes, parse_memory, working_bytes
 from .data import DatasetSource, Select, Source, as_source
 from .distributed import Group, join
 from .fingerprint import differences, fingerprint
-from .schedule import Block, FactorCache, all_blocks, split
+from .schedule import Block, FactorCache, all_blocks, in_bands, split
 from .store import ResumeError
 
 log = logging.getLogger("fastntk.gram")
@@ -240,14 +240,14 @@ def gram(
         log.debug("fingerprint in %.2f s: %s", time.perf_counter() - started, prints)
 
     # Rank 0 decides the plan (or reads it back) and prepares the file; every rank gets its answer.
-    decision: Any
-    if group.rank == 0:
+    decision: Any = None
+    if not group.distributed:
+        decision = decide(problem, path, prints, resume, overwrite, block_size, working)
+    elif group.rank == 0:
         try:
             decision = decide(problem, path, prints, resume, overwrite, block_size, working)
         except Exception as exc:  # every rank raises it
             decision = exc
-    else:
-        decision = None
     plan, done_keys, reference = group.broadcast(decision)
     if prints is not None and group.rank != 0:
         diffs = differences(reference, prints)
@@ -270,14 +270,15 @@ def gram(
     blocks = all_blocks(problem.n1, problem.n2, block, problem.symmetric)
     remaining = [b for b in blocks if (b.i, b.j) not in done_keys]
     parts = split(remaining, group.world)
-    mine = parts[group.rank]
+    band = max(1, (working - need) // max(1, block * kernel.bytes_per_sample()))  # block rows whose factors the cache holds
+    mine = in_bands(parts[group.rank], band)
     log.info(
         "gram %s, mode %s, method %s, O=%d: blocks of %d samples, %d blocks (%d done before, %d for this run%s), "
-        "working set %s of %s, %s",
+        "working set %s, factor cache %s (bands of %d block rows), %s",
         f"{problem.n1}x{problem.n2}" + (" (Gram, blocks on and above the diagonal)" if problem.symmetric else ""),
         mode, kernel.name, problem.num_outputs, block, len(blocks), len(done_keys), len(remaining),
         f"; rank {group.rank} of {group.world}: {len(mine)}" if group.distributed else "",
-        format_bytes(need), format_bytes(working), f"out {path}" if path is not None else "in memory",
+        format_bytes(need), format_bytes(working - need), band, f"out {path}" if path is not None else "in memory",
     )
 
     result: torch.Tensor | None = None
@@ -402,6 +403,9 @@ def choose(problem: Problem, block_size: int | None, working: int) -> dict[str, 
         name = min(flops, key=flops.get)  # type: ignore[arg-type]
         log.info("method auto: estimated GFLOP %s -> %s", {n: round(v / 1e9, 3) for n, v in flops.items()}, name)
     kernel = build_method(problem, name)
+    # The largest block that fits: what a block's working set holds (its row factors) is what
+    # makes factors reusable, so a separate cache would only shrink it. When the block is capped
+    # below what the budget allows (N/8), the rest of the budget caches factors for reuse.
     block = block_size or block_for_budget(
         problem.n1, problem.n2, kernel.bytes_per_sample(), problem.input_bytes, problem.pair_bytes, working
     )
@@ -471,12 +475,21 @@ def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block:
     def left_key(b: Block) -> tuple[str, int]:
         return ("right", b.i) if shared else ("left", b.i)
 
+    def right_key(b: Block) -> tuple[str, int]:
+        return ("right", b.j)
+
+    # A block fetches its row (column) factors when they differ from those the previous block held.
+    fetch_left = [k == 0 or left_key(b) != left_key(mine[k - 1]) for k, b in enumerate(mine)]
+    fetch_right = []
+    held = None
+    for b in mine:
+        diagonal = shared and b.i == b.j
+        fetch_right.append(not diagonal and right_key(b) != held)
+        held = held if diagonal else right_key(b)
     uses: list[tuple[str, int]] = []
     for k, b in enumerate(mine):
-        if k == 0 or b.i != mine[k - 1].i:
-            uses.append(left_key(b))
-        if not (shared and b.i == b.j):
-            uses.append(("right", b.j))
+        uses += [left_key(b)] if fetch_left[k] else []
+        uses += [right_key(b)] if fetch_right[k] else []
     cache = FactorCache(capacity, uses)
 
     def factors(key: tuple[str, int]) -> Callable[[], Any]:
@@ -494,18 +507,18 @@ def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block:
 
     t = -1
     left: Any = None
+    right: Any = None
     started, pairs = time.perf_counter(), 0
     for k, b in enumerate(mine):
         with torch.no_grad():
-            if k == 0 or b.i != mine[k - 1].i:
+            if fetch_left[k]:
                 t += 1
                 left = cache.get(left_key(b), t, size(left_key(b)), factors(left_key(b)))
-            if shared and b.i == b.j:
-                right = left
-            else:
+            if fetch_right[k]:
                 t += 1
-                right = cache.get(("right", b.j), t, size(("right", b.j)), factors(("right", b.j)))
-            value = kernel.contract(left, right)
+                right = cache.get(right_key(b), t, size(right_key(b)), factors(right_key(b)))
+            current = left if shared and b.i == b.j else right
+            value = kernel.contract(left, current)
         if problem.fn.mean:
             value = value / problem.num_outputs
         if problem.check and not bool(torch.isfinite(value).all()):
@@ -539,7 +552,7 @@ def gather(group: Group, parts: list[list[Block]], kept: list[tuple[Block, torch
     if not group.distributed:
         return
     if group.rank != 0:
-        for _, value in kept:
+        for _, value in sorted(kept, key=lambda item: (item[0].i, item[0].j)):  # the order of parts[rank]
             group.send(value.contiguous(), 0)
         return
     assert result is not None

@@ -17,8 +17,13 @@ from torch.utils import _pytree as pytree
 
 from ..._functional import FunctionalModel, Params
 from ..._inputs import Batch, batch_size
+from .flops import op_flops
 from .rules import RULES, Rule
 from .rules.base import Roles, Saved
+
+
+LOOP_OUTPUTS = 64
+"""Up to this many outputs, cotangents come from one backward pass per output."""
 
 
 @dataclass
@@ -44,6 +49,8 @@ class Capture:
     outputs: torch.Tensor
     uses: list[Use]
     unstructured: set[str] = field(default_factory=set)
+    flops: float = 0.0
+    """Forward FLOPs of the matmuls and convolutions seen, for the whole block."""
 
 
 def batch_first(call: dict[str, Any], output: torch.Tensor, n: int) -> bool:
@@ -59,10 +66,12 @@ class _Recorder(TorchFunctionMode):
         self.names = {id(t): name for name, t in primals.items()}
         self.uses: list[Use] = []
         self.unstructured: set[str] = set()
+        self.flops = 0.0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
+        self.flops += op_flops(func, args, kwargs, output)
         touched = [self.names[id(t)] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in self.names]
         if not touched or not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(output)):
             return output  # no selected parameter, or metadata only (size, dim, ...)
@@ -94,21 +103,30 @@ def capture(f: FunctionalModel, x: Batch) -> Capture:
             uses.append(use)
         else:
             unstructured.update(use.roles.values())
-    return Capture(primals, outputs, uses, unstructured)
+    return Capture(primals, outputs, uses, unstructured, recorder.flops)
 
 
-def output_cotangents(outputs: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool = False) -> list[torch.Tensor | None]:
-    """∂ outputs[n, a] / ∂ tensors[i][n] for every output a, in one batched backward pass.
+def output_cotangents(
+    outputs: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool = False, batched: bool | None = None
+) -> list[torch.Tensor | None]:
+    """∂ outputs[n, a] / ∂ tensors[i][n] for every output a.
 
-    Returns, per tensor, (N, O, *tensor.shape[1:]) or None when the tensor does not affect the outputs.
+    ``batched``: one vmapped backward pass over the O output directions; otherwise one pass
+    per output (no vmap, so ops without batching rules run at full speed; the default for
+    O <= LOOP_OUTPUTS). Returns, per tensor, (N, O, *tensor.shape[1:]) or None when the
+    tensor does not affect the outputs.
     """
     n, o = outputs.shape
     if not tensors:
         return []
     basis = torch.eye(o, dtype=outputs.dtype, device=outputs.device).unsqueeze(1).expand(o, n, o)
-    try:
-        grads = torch.autograd.grad(outputs, tensors, basis, retain_graph=retain_graph, is_grads_batched=True, allow_unused=True)
-    except RuntimeError:  # an op without a batching rule for its backward: one pass per output
+    grads = None
+    if batched if batched is not None else o > LOOP_OUTPUTS:
+        try:
+            grads = torch.autograd.grad(outputs, tensors, basis, retain_graph=retain_graph, is_grads_batched=True, allow_unused=True)
+        except RuntimeError:  # an op whose backward cannot be vmapped: one pass per output
+            grads = None
+    if grads is None:
         rows = [torch.autograd.grad(outputs, tensors, basis[a], retain_graph=retain_graph or a < o - 1, allow_unused=True) for a in range(o)]
-        grads = tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
-    return [None if g is None else g.movedim(0, 1).contiguous() for g in grads]  # once here, not per contraction
+        return [None if col[0] is None else torch.stack(col, dim=1) for col in zip(*rows)]
+    return [None if g is None else g.movedim(0, 1) for g in grads]

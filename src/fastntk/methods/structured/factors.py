@@ -70,6 +70,8 @@ class PairFactor:
     kind: Literal["dot", "index"]
     plus_one: bool
 
+    def __post_init__(self) -> None:
+        self.cotangents = self.cotangents.contiguous()  # once, not in every contraction
     def merge(self, other: "PairFactor") -> "PairFactor":
         """Two uses of one weight: their positions concatenate."""
         return PairFactor(

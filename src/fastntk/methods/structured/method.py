@@ -45,6 +45,9 @@ class Layout:
     """FLOPs of contracting one pair of samples, per structured group."""
     kinds: dict[tuple[str, ...], str]
     """How each structured group is contracted: "pair" (input and cotangent Grams) or "jacobian"."""
+    forward_flops: float
+    """FLOPs of one sample's forward pass: matmuls and convolutions seen, plus 2 per parameter
+    used by ops no FLOP rule covers (attention kernels and the like)."""
 
 
 class StructuredMethod(KernelMethod):
@@ -106,6 +109,7 @@ class StructuredMethod(KernelMethod):
             bytes_,
             {group: f.pair_flops(self.mode) for group, f in structured.items()},
             {group: "pair" if isinstance(f, PairFactor) else "jacobian" for group, f in structured.items()},
+            observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & set(names)),
         )
 
     def structured_factors(self, uses: list[Use], cotangents: list[torch.Tensor | None]) -> tuple[Factors, set[str]]:

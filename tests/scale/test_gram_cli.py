@@ -1,0 +1,87 @@
+"""``fastntk gram``: the command line end to end (in process), its resume and its refusals."""
+
+from __future__ import annotations
+
+import filecmp
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import fastntk
+from fastntk import cli
+from gram_helpers import inputs, mlp, save
+
+NETS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    """
+)
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(NETS)
+    save(tmp_path / "x.npy", inputs(23, 1))
+    save(tmp_path / "y.npy", inputs(17, 2))
+    return tmp_path
+
+
+def gram(*args: str) -> int:
+    return cli.main(["gram", "--model", "nets.py:make", "--x1", "x.npy", "--block-size", "5", *args])
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).eval()
+
+
+def test_gram_writes_the_library_result(files, capsys) -> None:
+    assert gram("--out", "k.npy", "--mode", "full") == 0
+    printed = capsys.readouterr().out
+    assert "method    structured (chosen by auto)" in printed and "wrote" in printed
+    expected = fastntk.gram(model(), "x.npy", mode="full", block_size=5, out=files / "lib.npy", progress=False)
+    assert filecmp.cmp(files / "k.npy", files / "lib.npy", shallow=False)
+    assert expected.shape == (23, 23, 3, 3)
+    assert gram("--x2", "y.npy", "--out", "xy.npy", "--quiet") == 0
+    assert capsys.readouterr().out.strip() == str((files / "xy.npy").resolve())
+    assert np.load(files / "xy.npy").shape == (23, 17)
+
+
+def test_gram_resume_and_refusals(files, capsys) -> None:
+    assert gram("--out", "k.npy", "--quiet") == 0
+    assert gram("--out", "k.npy", "--quiet") == 2
+    assert "pass --resume to continue it, or --overwrite to start afresh" in capsys.readouterr().err
+    assert gram("--out", "k.npy", "--resume", "--quiet") == 0
+    torch.save({k: v + 1 for k, v in model().state_dict().items()}, files / "w.pt")
+    capsys.readouterr()
+    assert gram("--out", "k.npy", "--resume", "--weights", "w.pt") == 2
+    err = capsys.readouterr().err
+    assert "ResumeError: cannot resume" in err and "the model" in err
+    assert gram("--out", "k.npy", "--overwrite", "--weights", "w.pt", "--quiet") == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "k.txt"], "--out 'k.txt': the kernel is written as a .npy file"),
+    (["--max-memory", "lots"], "--max-memory"),
+    (["--x2", "missing.npy"], "no such file"),
+    (["--out", "k.npy", "--max-memory", "300"], "raise --max-memory, or pass a smaller --block-size"),
+])
+def test_gram_bad_usage_exits_2(files, capsys, args, message) -> None:
+    assert gram(*args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gram_is_listed_in_help(capsys) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "gram" in capsys.readouterr().out
+    assert cli.main(["gram", "--help"]) == 0
+    assert "--resume" in capsys.readouterr().out
