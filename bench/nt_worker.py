@@ -110,7 +110,11 @@ def layer_norm(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray, eps: float = 1e-5
 # --------------------------------------------------------------------------
 # models: arch key (bench/workloads.py) -> (params, constants, x converter, f)
 # --------------------------------------------------------------------------
-Built = tuple[dict[str, np.ndarray], dict[str, np.ndarray], Callable[[np.ndarray], np.ndarray], Callable[..., jnp.ndarray]]
+#: (parameters, constants, input converter, f(params, consts, x)), numpy in
+Built = tuple[
+    dict[str, np.ndarray], dict[str, np.ndarray],
+    Callable[[np.ndarray], np.ndarray], Callable[..., jnp.ndarray],
+]
 
 
 def tutorial_cnn(w: dict[str, np.ndarray]) -> Built:
@@ -215,7 +219,7 @@ def embedding_bag(w: dict[str, np.ndarray]) -> Built:
 
 def transformer(w: dict[str, np.ndarray], heads: int = 4) -> Built:
     """TinyTransformer of workloads.py: post-norm encoder layers, ReLU FFN."""
-    params = {k: v for k, v in w.items()}
+    params = dict(w)
     layers = sorted({k.split(".")[2] for k in w if k.startswith("encoder.layers.")})
 
     def attention(p: Arrays, x: jnp.ndarray, pre: str) -> jnp.ndarray:

@@ -41,7 +41,7 @@ from torch.func import functional_call, jacrev, vmap  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import CACHE_DIR, data_path, ref_path  # noqa: E402
-from workloads import WORKLOADS, Workload, selected  # noqa: E402
+from workloads import Workload, selected  # noqa: E402
 
 #: einsum per mode over per-parameter Jacobians (n, a, f) x (m, b, f)
 CONTRACTIONS = {
