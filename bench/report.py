@@ -162,6 +162,32 @@ def anchor_table(records: list[Record]) -> str:
     return table(["workload"] + cols, rows)
 
 
+EXACT = ("fastntk-jacobian", "fastntk-vp", "fastntk-structured")
+
+
+def plan_table(records: list[Record]) -> tuple[str, int, int]:
+    """Per workload: auto's choice vs the fastest measured exact method; (table, hits, total)."""
+    rows, hits, total = [], 0, 0
+    workloads, _, by_pair = grid(records)
+    for w in workloads:
+        auto = by_pair.get((w, "fastntk-auto"))
+        if not auto or "plan" not in auto:
+            continue
+        times = {m.removeprefix("fastntk-"): by_pair[(w, m)]["steady_median_s"]
+                 for m in EXACT if (w, m) in by_pair and by_pair[(w, m)].get("status") == "ok"}
+        if not times:
+            continue
+        fastest = min(times, key=times.get)
+        chosen = auto["plan"]["chosen"]
+        total += 1
+        hits += chosen == fastest
+        estimates = ", ".join(f"{m} {f / 1e9:.3g}" for m, f in sorted(auto["plan"]["estimated_flops"].items(), key=lambda kv: kv[1]))
+        measured = ", ".join(f"{m} {fmt_s(t)}" for m, t in sorted(times.items(), key=lambda kv: kv[1]))
+        rows.append([w, chosen, fastest, "✓" if chosen == fastest else "✗", estimates, measured])
+    header = ["workload", "auto chose", "fastest measured", "", "estimated GFLOP", "measured s (timeouts/OOM left out)"]
+    return table(header, rows), hits, total
+
+
 def render(records: list[Record]) -> str:
     """All tables as one markdown document."""
     parts = [
@@ -173,6 +199,9 @@ def render(records: list[Record]) -> str:
     _, methods, _ = grid(records)
     if "fastntk-auto" in methods and "nt-sd" in methods:
         parts += ["### fastntk-auto / nt-sd (same run) against the targets", ratio_table(records)]
+    plans, hits, total = plan_table(records)
+    if total:
+        parts += [f"### The cost model: auto's choice vs the fastest exact method ({hits}/{total} workloads)", plans]
     anchors = anchor_table(records)
     if anchors.count("\n") > 1:
         parts += ["### This run vs the BENCHMARKS.md anchors (steady median / peak RSS)", anchors]

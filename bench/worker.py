@@ -69,7 +69,7 @@ def measure(workload: str, method: str, repeats: int) -> dict[str, Any]:
     check_cache(wl)
     torch.set_num_threads(2)
     if method in FASTNTK_METHODS:
-        import fastntk  # noqa: F401 - an import is set-up, not the first call
+        import fastntk  # an import is set-up, not the first call
 
     model, x1, x2 = wl.build()
     rss_setup = rss_mib()
@@ -78,7 +78,7 @@ def measure(workload: str, method: str, repeats: int) -> dict[str, Any]:
         fn = make_ntk_fn(method, model, wl.mode)
         return (lambda: fn(x1, x2)), fn(x1, x2)
 
-    return run_protocol(
+    record = run_protocol(
         rss_after_setup=rss_setup,
         start=start,
         sync=lambda k: k,  # CPU torch is synchronous
@@ -86,6 +86,10 @@ def measure(workload: str, method: str, repeats: int) -> dict[str, Any]:
         reference=ref_path(wl.name),
         repeats=repeats,
     )
+    if method == "fastntk-auto":  # after the measurements: what the cost model chose, and why
+        plan = fastntk.ntk_fn(model, mode=wl.mode).plan(x1, x2)
+        record["plan"] = {"chosen": plan.chosen, "estimated_flops": plan.flops}
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

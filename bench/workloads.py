@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fastntk import zoo
+
 MODEL_SEED = 0
 X1_SEED = 1
 X2_SEED = 2
@@ -25,32 +27,6 @@ X2_SEED = 2
 # --------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------
-class TutorialCNN(nn.Module):
-    """The CNN of the PyTorch "Neural Tangent Kernels" tutorial."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, (3, 3))
-        self.conv2 = nn.Conv2d(32, 32, (3, 3))
-        self.conv3 = nn.Conv2d(32, 32, (3, 3))
-        self.fc = nn.Linear(21632, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x).relu()
-        x = self.conv2(x).relu()
-        x = self.conv3(x)
-        return self.fc(x.flatten(1))
-
-
-def mlp() -> nn.Module:
-    """MLP 784-1024-1024-10 with ReLU and biases."""
-    return nn.Sequential(
-        nn.Linear(784, 1024), nn.ReLU(),
-        nn.Linear(1024, 1024), nn.ReLU(),
-        nn.Linear(1024, 10),
-    )
-
-
 class BasicBlock(nn.Module):
     """ResNet basic block: conv-BN-ReLU-conv-BN + (projected) skip, ReLU."""
 
@@ -146,8 +122,8 @@ class EmbeddingBagModel(nn.Module):
 
 #: arch key -> factory.  nt_worker.py has a JAX twin for each key.
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "tutorial-cnn": TutorialCNN,
-    "mlp": mlp,
+    "tutorial-cnn": zoo.TutorialCNN,  # seeded by Workload.build_model, as the others
+    "mlp": lambda: zoo.mlp(seed=MODEL_SEED),
     "resnet-bn": SmallResNet,
     "transformer": TinyTransformer,
     "dwsep-cnn": depthwise_separable_cnn,

@@ -18,9 +18,14 @@ from torch.func import jvp, vmap
 
 from .._errors import ModelError
 from .._functional import Params
-from .._inputs import Batch
+from .._inputs import Batch, batch_size
 from .base import KernelMethod
 from .jacobian import per_sample_jacobians
+
+
+SAMPLE_EVALUATIONS = 2048
+"""Forward-mode passes are vmapped over at most this many (tangent, sample) pairs at once,
+which bounds the memory of their intermediate activations."""
 
 
 class VPMethod(KernelMethod):
@@ -43,9 +48,10 @@ class VPMethod(KernelMethod):
         def push(tangent: Params) -> torch.Tensor:
             return jvp(lambda p: f(p, left), (primals,), (tangent,))[1]  # (N1, O)
 
+        chunk = self.vmap_chunk or max(1, SAMPLE_EVALUATIONS // batch_size(left))
         with forward_mode_kernels():
             try:
-                products = vmap(push, chunk_size=self.vmap_chunk)(tangents)  # K[n, m, a, b] at [m·O + b, n, a]
+                products = vmap(push, chunk_size=chunk)(tangents)  # K[n, m, a, b] at [m·O + b, n, a]
             except NotImplementedError as exc:
                 raise ModelError(
                     f"method='vp' needs forward-mode AD, which an operation of this model lacks ({str(exc).splitlines()[0]}); "
