@@ -127,6 +127,13 @@ def output_cotangents(
         except RuntimeError:  # an op whose backward cannot be vmapped: one pass per output
             grads = None
     if grads is None:
-        rows = [torch.autograd.grad(outputs, tensors, basis[a], retain_graph=retain_graph or a < o - 1, allow_unused=True) for a in range(o)]
-        return [None if col[0] is None else torch.stack(col, dim=1) for col in zip(*rows)]
+        rows = [list(torch.autograd.grad(outputs, tensors, basis[a], retain_graph=retain_graph or a < o - 1, allow_unused=True)) for a in range(o)]
+        stacked: list[torch.Tensor | None] = []
+        for i in range(len(tensors)):  # stack tensor by tensor, releasing its rows: no second copy of all
+            column = [row[i] for row in rows]
+            for row in rows:
+                row[i] = None
+            stacked.append(None if column[0] is None else torch.stack(column, dim=1))
+            del column
+        return stacked
     return [None if g is None else g.movedim(0, 1) for g in grads]

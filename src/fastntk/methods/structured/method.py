@@ -86,6 +86,7 @@ class StructuredMethod(KernelMethod):
         true = torch.autograd.grad(objective, list(observed.primals.values()), retain_graph=True, allow_unused=True)
         true_by_name = {name: torch.zeros_like(observed.primals[name]) if g is None else g for name, g in zip(names, true)}
         cotangents = output_cotangents(observed.outputs, [use.output for use in observed.uses])
+        cotangent_bytes = sum(g.numel() * g.element_size() for g in cotangents if g is not None)
         factors, conflicts = self.structured_factors(observed.uses, cotangents)
         scale = max((g.abs().max().item() for g in true_by_name.values() if g.numel()), default=0.0)
         tol = tolerance(self.f.dtype) * max(scale, torch.finfo(self.f.dtype).tiny)
@@ -101,7 +102,7 @@ class StructuredMethod(KernelMethod):
                 fallback.update(group)
         structured = {group: f for group, f in factors.items() if not fallback & set(group)}
         kept = sorted(fallback & set(names))
-        bytes_ = sum(f.nbytes() for f in structured.values()) + sum(g.numel() * g.element_size() for g in cotangents if g is not None)
+        bytes_ = sum(f.nbytes() for f in structured.values()) + cotangent_bytes
         bytes_ = bytes_ // n + 2 * o * self.f.dtype.itemsize * sum(self.f.primals[p].numel() for p in kept)
         self.calibration = Layout(
             frozenset(structured),
@@ -113,23 +114,30 @@ class StructuredMethod(KernelMethod):
         )
 
     def structured_factors(self, uses: list[Use], cotangents: list[torch.Tensor | None]) -> tuple[Factors, set[str]]:
-        """Factors by group from each use, and the parameters whose uses cannot be combined."""
-        per_use = [
-            (use, g, use.rule.factors(use.saved, g, use.roles, self.mode)) for use, g in zip(uses, cotangents) if g is not None
-        ]
+        """Factors by group from each use, and the parameters whose uses cannot be combined.
+
+        Consumes ``cotangents``: each entry is released once its factors exist, so the
+        peak memory holds the cotangents of one layer beside the factors, not of all.
+        """
         groups_of: dict[str, set[tuple[str, ...]]] = {}
-        for _, _, factors in per_use:
-            for group in factors:
+        for use in uses:
+            for group in use.rule.groups(use.roles):
                 for name in group:
                     groups_of.setdefault(name, set()).add(group)
         shared = {name for name, groups in groups_of.items() if len(groups) > 1}
         merged: Factors = {}
         conflicts: set[str] = set()
-        for use, g, factors in per_use:
+        for i, use in enumerate(uses):
+            g, cotangents[i] = cotangents[i], None
+            if g is None:
+                continue  # this layer does not affect the outputs
             if shared & set(use.roles.values()):  # a parameter in several groups: one group per parameter
-                factors = {}
+                factors: Factors = {}
                 for role, name in use.roles.items():
                     factors.update(use.rule.factors(use.saved, g, {role: name}, self.mode))
+            else:
+                factors = use.rule.factors(use.saved, g, use.roles, self.mode)
+            del g
             for group, factor in factors.items():
                 if group not in merged:
                     merged[group] = factor

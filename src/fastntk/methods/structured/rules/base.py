@@ -40,6 +40,10 @@ class Rule(ABC):
         """Tensors in parameter roles (weight, bias), or None when this call is outside the rule."""
         return {role: call[role] for role in ("weight", "bias") if call.get(role) is not None}
 
+    def groups(self, roles: Roles) -> list[tuple[str, ...]]:
+        """The parameter groups ``factors`` returns for these roles (by default one per role)."""
+        return [(name,) for name in roles.values()]
+
     @abstractmethod
     def save(self, call: dict[str, Any], output: torch.Tensor) -> Saved:
         """What the factors need, detached (the tensors are checked for later in-place changes)."""

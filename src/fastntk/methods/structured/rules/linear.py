@@ -39,6 +39,11 @@ class LinearRule(Rule):
     functions = (F.linear,)
     arguments = ("input", "weight", "bias")
 
+    def groups(self, roles: Roles) -> list[tuple[str, ...]]:
+        if "weight" in roles and "bias" in roles:
+            return [(roles["weight"], roles["bias"])]
+        return super().groups(roles)
+
     def save(self, call: dict, output: torch.Tensor) -> Saved:
         x = call["input"]
         return {"keys": x.detach().reshape(x.shape[0], -1, x.shape[-1])}
