@@ -11,7 +11,7 @@ import torch
 
 import fastntk
 from fastntk import cli
-from gram_helpers import inputs, mlp, save
+from gram_helpers import inputs, save
 
 NETS = textwrap.dedent(
     """

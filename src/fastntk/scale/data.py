@@ -24,8 +24,8 @@ from .._errors import InputError
 from .._inputs import Batch
 
 Select = Union[None, int, str, Callable[[Any], Any]]
-"""Which part of each batch the model takes: None (all of it), an index or key (e.g. 0 for
-``(inputs, labels)`` items), or a function of the collated batch."""
+"""Which part of each collated batch of a Dataset the model takes: None (all of it), an index
+or key (e.g. 0 for ``(inputs, labels)`` items), or a function of the batch."""
 
 
 class Source:
@@ -157,7 +157,7 @@ class DatasetSource(Source):
 
 
 def as_source(data: Any, name: str, select: Select = None) -> Source:
-    """The :class:`Source` of ``data``.
+    """The :class:`Source` of ``data``; ``select`` applies to Datasets and DataLoaders only.
 
     Raises:
         InputError: an IterableDataset, a shuffling DataLoader, or something that is not data.
@@ -167,7 +167,7 @@ def as_source(data: Any, name: str, select: Select = None) -> Source:
     if isinstance(data, (str, os.PathLike)):
         if Path(data).suffix.lower() != ".npy":
             raise InputError(f"{name}={str(data)!r}: a path must name a .npy file; load other formats yourself")
-        return NpyFileSource(data, name, select)
+        return NpyFileSource(data, name)
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset):
             raise iterable_error(name)
@@ -182,7 +182,7 @@ def as_source(data: Any, name: str, select: Select = None) -> Source:
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (tuple, list, Mapping))):
         if not isinstance(data, (torch.Tensor, np.ndarray)):
             return DatasetSource(data, name, select)
-    return ArraySource(data, name, select)
+    return ArraySource(data, name)
 
 
 def iterable_error(name: str) -> InputError:

@@ -176,7 +176,7 @@ def gram(
             ⌈N/8⌉ but at least 64). A resumed run always uses the block size it started with.
         params, dtype, check: as in :func:`fastntk.ntk`. Floating inputs are cast to the
             model's dtype (or ``dtype``) block by block.
-        select: for datasets of tuples or dicts: which part of each collated batch the model
+        select: for Datasets and DataLoaders: which part of each collated batch the model
             takes, an index or key (e.g. 0 for (inputs, labels) items) or a function.
         progress: a progress bar (blocks done/total, rate, ETA) on rank 0; False for scripts.
         durable: flush each block to the disk (fdatasync) before journaling it, so finished
@@ -324,11 +324,12 @@ def gram(
         gather(group, parts, kept, result, problem)
         return result
     group.barrier()
+    status = None
     if group.rank == 0:
         missing = store.finished_all(store.read_journals(path), [(b.i, b.j) for b in blocks])
         if missing:
-            raise ResumeError(f"{len(missing)} blocks of {path} are not finished (a rank failed?): run again with resume=True")
-    group.barrier()
+            status = ResumeError(f"{len(missing)} blocks of {path} are not finished (a rank failed?): run again with resume=True")
+    group.broadcast(status)  # raises it on every rank
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 

@@ -9,7 +9,7 @@ a selected parameter sends that parameter to the exact Jacobian fallback.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -20,10 +20,6 @@ from ..._inputs import Batch, batch_size
 from .flops import op_flops
 from .rules import RULES, Rule
 from .rules.base import Roles, Saved
-
-
-LOOP_OUTPUTS = 64
-"""Up to this many outputs, cotangents come from one backward pass per output."""
 
 
 @dataclass
@@ -106,34 +102,19 @@ def capture(f: FunctionalModel, x: Batch) -> Capture:
     return Capture(primals, outputs, uses, unstructured, recorder.flops)
 
 
-def output_cotangents(
-    outputs: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool = False, batched: bool | None = None
-) -> list[torch.Tensor | None]:
-    """∂ outputs[n, a] / ∂ tensors[i][n] for every output a.
+def per_output_cotangents(
+    outputs: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool = False
+) -> Iterator[list[torch.Tensor | None]]:
+    """For each output a in turn: ∂ Σ_n outputs[n, a] / ∂ tensors[i], i.e. (N, *shape[1:]) per tensor.
 
-    ``batched``: one vmapped backward pass over the O output directions; otherwise one pass
-    per output (no vmap, so ops without batching rules run at full speed; the default for
-    O <= LOOP_OUTPUTS). Returns, per tensor, (N, O, *tensor.shape[1:]) or None when the
-    tensor does not affect the outputs.
+    Since no sample's output depends on another sample, row n is sample n's own cotangent.
+    One backward pass per output: no vmap (ops without batching rules run at full speed),
+    and only one output's cotangents are alive at a time. None where a tensor does not
+    affect the outputs.
     """
     n, o = outputs.shape
     if not tensors:
-        return []
+        return
     basis = torch.eye(o, dtype=outputs.dtype, device=outputs.device).unsqueeze(1).expand(o, n, o)
-    grads = None
-    if batched if batched is not None else o > LOOP_OUTPUTS:
-        try:
-            grads = torch.autograd.grad(outputs, tensors, basis, retain_graph=retain_graph, is_grads_batched=True, allow_unused=True)
-        except RuntimeError:  # an op whose backward cannot be vmapped: one pass per output
-            grads = None
-    if grads is None:
-        rows = [list(torch.autograd.grad(outputs, tensors, basis[a], retain_graph=retain_graph or a < o - 1, allow_unused=True)) for a in range(o)]
-        stacked: list[torch.Tensor | None] = []
-        for i in range(len(tensors)):  # stack tensor by tensor, releasing its rows: no second copy of all
-            column = [row[i] for row in rows]
-            for row in rows:
-                row[i] = None
-            stacked.append(None if column[0] is None else torch.stack(column, dim=1))
-            del column
-        return stacked
-    return [None if g is None else g.movedim(0, 1) for g in grads]
+    for a in range(o):
+        yield list(torch.autograd.grad(outputs, tensors, basis[a], retain_graph=retain_graph or a < o - 1, allow_unused=True))

@@ -44,6 +44,11 @@ class JacobianFactor:
         """Σ_{n,a} weights[n, a] J[n, a]: the gradient these factors imply, flattened."""
         return torch.einsum("na,nap->p", weights, self.jacobian)
 
+    @staticmethod
+    def stack_outputs(parts: list["JacobianFactor"]) -> "JacobianFactor":
+        """The factor of all outputs from factors of consecutive output slices."""
+        return JacobianFactor(torch.cat([p.jacobian for p in parts], dim=1))
+
     def pair_flops(self, mode: Mode) -> float:
         """FLOPs of contracting one pair of samples."""
         o, p = self.jacobian.shape[1:]
@@ -80,6 +85,12 @@ class PairFactor:
             self.kind,
             self.plus_one,
         )
+
+    @staticmethod
+    def stack_outputs(parts: list["PairFactor"]) -> "PairFactor":
+        """The factor of all outputs from factors of consecutive output slices (same keys)."""
+        first = parts[0]
+        return PairFactor(first.keys, torch.cat([p.cotangents for p in parts], dim=1), first.kind, first.plus_one)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.cotangents))

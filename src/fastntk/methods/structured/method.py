@@ -19,7 +19,8 @@ from ..._errors import ModelError
 from ..._inputs import Batch
 from ..base import KernelMethod
 from ..jacobian import flat_jacobian, per_sample_jacobians
-from .capture import Use, capture, output_cotangents
+from .capture import Capture, Use, capture, per_output_cotangents
+from .rules.base import Roles
 from .factors import Factor, JacobianFactor, PairFactor
 
 Factors = dict[tuple[str, ...], Factor]
@@ -85,9 +86,7 @@ class StructuredMethod(KernelMethod):
             objective = (observed.outputs * weights).sum()
         true = torch.autograd.grad(objective, list(observed.primals.values()), retain_graph=True, allow_unused=True)
         true_by_name = {name: torch.zeros_like(observed.primals[name]) if g is None else g for name, g in zip(names, true)}
-        cotangents = output_cotangents(observed.outputs, [use.output for use in observed.uses])
-        cotangent_bytes = sum(g.numel() * g.element_size() for g in cotangents if g is not None)
-        factors, conflicts = self.structured_factors(observed.uses, cotangents)
+        factors, conflicts, cotangent_bytes = self.factors_of(observed)
         scale = max((g.abs().max().item() for g in true_by_name.values() if g.numel()), default=0.0)
         tol = tolerance(self.f.dtype) * max(scale, torch.finfo(self.f.dtype).tiny)
         rejected: set[str] = set()
@@ -102,8 +101,8 @@ class StructuredMethod(KernelMethod):
                 fallback.update(group)
         structured = {group: f for group, f in factors.items() if not fallback & set(group)}
         kept = sorted(fallback & set(names))
-        bytes_ = sum(f.nbytes() for f in structured.values()) + cotangent_bytes
-        bytes_ = bytes_ // n + 2 * o * self.f.dtype.itemsize * sum(self.f.primals[p].numel() for p in kept)
+        bytes_ = (sum(f.nbytes() for f in structured.values()) + cotangent_bytes) // n
+        bytes_ += 2 * o * self.f.dtype.itemsize * sum(self.f.primals[p].numel() for p in kept)
         self.calibration = Layout(
             frozenset(structured),
             tuple(kept),
@@ -113,47 +112,34 @@ class StructuredMethod(KernelMethod):
             observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & set(names)),
         )
 
-    def structured_factors(self, uses: list[Use], cotangents: list[torch.Tensor | None]) -> tuple[Factors, set[str]]:
-        """Factors by group from each use, and the parameters whose uses cannot be combined.
+    def factors_of(self, observed: Capture) -> tuple[Factors, set[str], int]:
+        """Factors by group for a captured block, one output's cotangents at a time.
 
-        Consumes ``cotangents``: each entry is released once its factors exist, so the
-        peak memory holds the cotangents of one layer beside the factors, not of all.
+        Returns the factors, the parameters whose uses cannot be combined exactly, and the
+        bytes of one output's cotangents (the transient peak besides the factors).
         """
-        groups_of: dict[str, set[tuple[str, ...]]] = {}
-        for use in uses:
-            for group in use.rule.groups(use.roles):
-                for name in group:
-                    groups_of.setdefault(name, set()).add(group)
-        shared = {name for name, groups in groups_of.items() if len(groups) > 1}
-        merged: Factors = {}
-        conflicts: set[str] = set()
-        for i, use in enumerate(uses):
-            g, cotangents[i] = cotangents[i], None
-            if g is None:
-                continue  # this layer does not affect the outputs
-            if shared & set(use.roles.values()):  # a parameter in several groups: one group per parameter
-                factors: Factors = {}
-                for role, name in use.roles.items():
-                    factors.update(use.rule.factors(use.saved, g, {role: name}, self.mode))
-            else:
-                factors = use.rule.factors(use.saved, g, use.roles, self.mode)
-            del g
-            for group, factor in factors.items():
-                if group not in merged:
-                    merged[group] = factor
-                elif mergeable(merged[group], factor):
-                    merged[group] = merged[group].merge(factor)  # type: ignore[arg-type]
-                else:
-                    conflicts.update(group)
-        merged = {group: f for group, f in merged.items() if not conflicts & set(group)}
-        return merged, conflicts
+        uses, num_outputs = observed.uses, observed.outputs.shape[1]
+        shared = shared_parameters(uses)
+        roles_of = [split(use.roles) if shared & set(use.roles.values()) else [use.roles] for use in uses]
+        parts: list[list[Factors]] = [[] for _ in uses]
+        peak = 0
+        for cotangents in per_output_cotangents(observed.outputs, [use.output for use in uses]):
+            peak = max(peak, sum(g.numel() * g.element_size() for g in cotangents if g is not None))
+            for i, (use, g) in enumerate(zip(uses, cotangents)):
+                if g is not None:  # None: this layer does not affect the outputs
+                    factors: Factors = {}
+                    for roles in roles_of[i]:
+                        factors.update(use.rule.factors(use.saved, g.unsqueeze(1), roles, self.mode, num_outputs))
+                    parts[i].append(factors)
+            del cotangents
+        merged, conflicts = merge_uses([stack_outputs(p) for p in parts if p])
+        return merged, conflicts, peak
 
     def left(self, x: Batch) -> Factors:
         if self.calibration is None:
             self.calibrate(x)
         observed = capture(self.f, x)
-        cotangents = output_cotangents(observed.outputs, [use.output for use in observed.uses])
-        factors, conflicts = self.structured_factors(observed.uses, cotangents)
+        factors, conflicts, _ = self.factors_of(observed)
         factors = {group: f for group, f in factors.items() if group in self.groups}
         if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
             raise ModelError(
@@ -183,6 +169,43 @@ class StructuredMethod(KernelMethod):
         if self.calibration is None:
             return 2 * self.num_outputs * self.f.num_params * self.f.dtype.itemsize
         return self.calibration.bytes_per_sample
+
+
+def shared_parameters(uses: list[Use]) -> set[str]:
+    """Parameters that the uses' rules would put in more than one group (e.g. a weight tied
+    across two Linear layers with their own biases): they get one group per parameter."""
+    groups_of: dict[str, set[tuple[str, ...]]] = {}
+    for use in uses:
+        for group in use.rule.groups(use.roles):
+            for name in group:
+                groups_of.setdefault(name, set()).add(group)
+    return {name for name, groups in groups_of.items() if len(groups) > 1}
+
+
+def split(roles: Roles) -> list[Roles]:
+    """One role at a time."""
+    return [{role: name} for role, name in roles.items()]
+
+
+def stack_outputs(parts: list[Factors]) -> Factors:
+    """A use's factors over all outputs from its factors of one output each."""
+    return {group: type(factor).stack_outputs([p[group] for p in parts]) for group, factor in parts[0].items()}
+
+
+def merge_uses(per_use: list[Factors]) -> tuple[Factors, set[str]]:
+    """Combine the uses' factors group by group; groups that cannot be combined are dropped
+    and their parameters returned (they go to the Jacobian fallback)."""
+    merged: Factors = {}
+    conflicts: set[str] = set()
+    for factors in per_use:
+        for group, factor in factors.items():
+            if group not in merged:
+                merged[group] = factor
+            elif mergeable(merged[group], factor):
+                merged[group] = merged[group].merge(factor)  # type: ignore[arg-type]
+            else:
+                conflicts.update(group)
+    return {group: f for group, f in merged.items() if not conflicts & set(group)}, conflicts
 
 
 def _samples(factors: Factors) -> int:

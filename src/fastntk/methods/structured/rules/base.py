@@ -49,8 +49,12 @@ class Rule(ABC):
         """What the factors need, detached (the tensors are checked for later in-place changes)."""
 
     @abstractmethod
-    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
-        """Factors by parameter-name group, from output cotangents (N, O, *output shape[1:])."""
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
+        """Factors by parameter-name group, from output cotangents (N, K, *output shape[1:]).
+
+        K may be a slice of the model's ``num_outputs`` outputs (factors are built one output
+        at a time and concatenated); ``num_outputs`` is for cost decisions that depend on O.
+        """
 
 
 def position_sum(cotangents: torch.Tensor, channel_dims: int) -> torch.Tensor:

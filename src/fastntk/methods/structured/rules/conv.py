@@ -65,7 +65,7 @@ class ConvRule(Rule):
         options = {k: call[k] for k in ("stride", "padding", "dilation", "groups") if k in call}
         return {"input": call["input"].detach(), "weight_shape": call["weight"].shape, "options": options}
 
-    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         factors: dict[tuple[str, ...], Factor] = {}
         if "weight" in roles:
             jacobian = conv_weight_jacobian(saved["input"], cotangents, saved["weight_shape"], saved["options"])

@@ -26,7 +26,7 @@ class EmbeddingRule(Rule):
             padding += call["weight"].shape[0]
         return {"indices": indices.reshape(indices.shape[0], -1), "padding": padding}
 
-    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         indices, padding = saved["indices"], saved["padding"]
         n, o = cotangents.shape[:2]
         g = cotangents.reshape(n, o, indices.shape[1], -1)

@@ -19,13 +19,13 @@ def pair_is_cheaper(positions: int, d_in: int, d_out: int, outputs: int, mode: M
     return positions**2 * (d_in + outputs**k * d_out) <= outputs**k * d_in * d_out
 
 
-def linear_factors(keys: torch.Tensor, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
-    """Factors of y_s = W k_s (+ b) from keys (N, S, d_in) and cotangents (N, O, S, d_out)."""
+def linear_factors(keys: torch.Tensor, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
+    """Factors of y_s = W k_s (+ b) from keys (N, S, d_in) and cotangents (N, K, S, d_out)."""
     n, o, s, e = cotangents.shape
     weight, bias = roles.get("weight"), roles.get("bias")
     if weight is None:
         return {(bias,): JacobianFactor(position_sum(cotangents, 1))}
-    if pair_is_cheaper(s, keys.shape[-1], e, o, mode):
+    if pair_is_cheaper(s, keys.shape[-1], e, num_outputs, mode):
         if bias is None:
             return {(weight,): PairFactor(keys, cotangents, "dot", plus_one=False)}
         return {(weight, bias): PairFactor(keys, cotangents, "dot", plus_one=True)}
@@ -48,7 +48,7 @@ class LinearRule(Rule):
         x = call["input"]
         return {"keys": x.detach().reshape(x.shape[0], -1, x.shape[-1])}
 
-    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         keys = saved["keys"]
         n, o = cotangents.shape[:2]
-        return linear_factors(keys, cotangents.reshape(n, o, keys.shape[1], -1), roles, mode)
+        return linear_factors(keys, cotangents.reshape(n, o, keys.shape[1], -1), roles, mode, num_outputs)

@@ -37,7 +37,7 @@ class LayerNormRule(Rule):
         x = call["input"].detach()
         return {"normalized": F.layer_norm(x, shape, None, None, call.get("eps", 1e-5)), "dims": len(shape)}
 
-    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         return affine_factors(saved["normalized"], cotangents, roles, saved["dims"])
 
 
@@ -49,7 +49,7 @@ class GroupNormRule(Rule):
         x = call["input"].detach()
         return {"normalized": F.group_norm(x, call["num_groups"], None, None, call.get("eps", 1e-5))}
 
-    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         return affine_factors(*channels_last(saved["normalized"], cotangents), roles, channel_dims=1)
 
 
@@ -67,5 +67,5 @@ class BatchNormEvalRule(Rule):
         mean, var = call["running_mean"].detach(), call["running_var"].detach()
         return {"normalized": F.batch_norm(x, mean, var, None, None, False, 0.0, call.get("eps", 1e-5))}
 
-    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode) -> dict[tuple[str, ...], Factor]:
+    def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         return affine_factors(*channels_last(saved["normalized"], cotangents), roles, channel_dims=1)
