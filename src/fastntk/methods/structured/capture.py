@@ -103,18 +103,26 @@ def capture(f: FunctionalModel, x: Batch) -> Capture:
 
 
 def per_output_cotangents(
-    outputs: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool = False
+    outputs: torch.Tensor, tensors: list[torch.Tensor], chunk: int = 1, retain_graph: bool = False
 ) -> Iterator[list[torch.Tensor | None]]:
-    """For each output a in turn: ∂ Σ_n outputs[n, a] / ∂ tensors[i], i.e. (N, *shape[1:]) per tensor.
+    """For consecutive chunks of k outputs: ∂ Σ_n outputs[n, a] / ∂ tensors[i], as (N, k, *shape[1:]).
 
     Since no sample's output depends on another sample, row n is sample n's own cotangent.
-    One backward pass per output: no vmap (ops without batching rules run at full speed),
-    and only one output's cotangents are alive at a time. None where a tensor does not
-    affect the outputs.
+    A chunk of one output is a plain backward pass (ops without batching rules run at full
+    speed); a larger chunk is one backward pass vmapped over its outputs (bigger GEMMs).
+    Only one chunk's cotangents are alive at a time. None where a tensor does not affect
+    the outputs.
     """
     n, o = outputs.shape
     if not tensors:
         return
     basis = torch.eye(o, dtype=outputs.dtype, device=outputs.device).unsqueeze(1).expand(o, n, o)
-    for a in range(o):
-        yield list(torch.autograd.grad(outputs, tensors, basis[a], retain_graph=retain_graph or a < o - 1, allow_unused=True))
+    for start in range(0, o, chunk):
+        stop = min(start + chunk, o)
+        keep = retain_graph or stop < o
+        if stop - start == 1:
+            grads = torch.autograd.grad(outputs, tensors, basis[start], retain_graph=keep, allow_unused=True)
+            yield [None if g is None else g.unsqueeze(1) for g in grads]
+        else:
+            grads = torch.autograd.grad(outputs, tensors, basis[start:stop], retain_graph=keep, is_grads_batched=True, allow_unused=True)
+            yield [None if g is None else g.movedim(0, 1) for g in grads]

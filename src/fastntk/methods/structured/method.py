@@ -9,6 +9,7 @@ so every model works and the kernel stays exact.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,10 @@ def mergeable(a: Factor, b: Factor) -> bool:
     return False
 
 
+CHUNK_BYTES = 16 * 2**20
+"""Cotangents of several outputs are computed in one vmapped backward pass up to this size."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """Which parameter groups are structured, which fall back, and the factors' bytes per sample."""
@@ -49,6 +54,16 @@ class Layout:
     forward_flops: float
     """FLOPs of one sample's forward pass: matmuls and convolutions seen, plus 2 per parameter
     used by ops no FLOP rule covers (attention kernels and the like)."""
+    batched_backward: bool
+    """Whether the model's backward vmaps over outputs without falling back to loops."""
+    direction_bytes: int
+    """Bytes of one sample's cotangents for one output."""
+
+    def output_chunk(self, n: int, num_outputs: int) -> int:
+        """Outputs whose cotangents are computed together for a block of n samples."""
+        if not self.batched_backward:
+            return 1
+        return max(1, min(num_outputs, CHUNK_BYTES // max(1, n * self.direction_bytes)))
 
 
 class StructuredMethod(KernelMethod):
@@ -86,7 +101,15 @@ class StructuredMethod(KernelMethod):
             objective = (observed.outputs * weights).sum()
         true = torch.autograd.grad(objective, list(observed.primals.values()), retain_graph=True, allow_unused=True)
         true_by_name = {name: torch.zeros_like(observed.primals[name]) if g is None else g for name, g in zip(names, true)}
-        factors, conflicts, cotangent_bytes = self.factors_of(observed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                factors, conflicts, cotangent_bytes = self.factors_of(observed, chunk=o, retain_graph=True)
+                batched = not any("performance drop" in str(w.message) for w in caught)
+            except RuntimeError:  # an op whose backward cannot be vmapped over outputs
+                batched = False
+        if not batched:
+            factors, conflicts, cotangent_bytes = self.factors_of(observed, chunk=1)
         scale = max((g.abs().max().item() for g in true_by_name.values() if g.numel()), default=0.0)
         tol = tolerance(self.f.dtype) * max(scale, torch.finfo(self.f.dtype).tiny)
         rejected: set[str] = set()
@@ -110,26 +133,28 @@ class StructuredMethod(KernelMethod):
             {group: f.pair_flops(self.mode) for group, f in structured.items()},
             {group: "pair" if isinstance(f, PairFactor) else "jacobian" for group, f in structured.items()},
             observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & set(names)),
+            batched,
+            cotangent_bytes // (n * (o if batched else 1)),
         )
 
-    def factors_of(self, observed: Capture) -> tuple[Factors, set[str], int]:
-        """Factors by group for a captured block, one output's cotangents at a time.
+    def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False) -> tuple[Factors, set[str], int]:
+        """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time.
 
         Returns the factors, the parameters whose uses cannot be combined exactly, and the
-        bytes of one output's cotangents (the transient peak besides the factors).
+        bytes of one chunk's cotangents (the transient peak besides the factors).
         """
         uses, num_outputs = observed.uses, observed.outputs.shape[1]
         shared = shared_parameters(uses)
         roles_of = [split(use.roles) if shared & set(use.roles.values()) else [use.roles] for use in uses]
         parts: list[list[Factors]] = [[] for _ in uses]
         peak = 0
-        for cotangents in per_output_cotangents(observed.outputs, [use.output for use in uses]):
+        for cotangents in per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph):
             peak = max(peak, sum(g.numel() * g.element_size() for g in cotangents if g is not None))
             for i, (use, g) in enumerate(zip(uses, cotangents)):
                 if g is not None:  # None: this layer does not affect the outputs
                     factors: Factors = {}
                     for roles in roles_of[i]:
-                        factors.update(use.rule.factors(use.saved, g.unsqueeze(1), roles, self.mode, num_outputs))
+                        factors.update(use.rule.factors(use.saved, g, roles, self.mode, num_outputs))
                     parts[i].append(factors)
             del cotangents
         merged, conflicts = merge_uses([stack_outputs(p) for p in parts if p])
@@ -139,7 +164,8 @@ class StructuredMethod(KernelMethod):
         if self.calibration is None:
             self.calibrate(x)
         observed = capture(self.f, x)
-        factors, conflicts, _ = self.factors_of(observed)
+        n, o = observed.outputs.shape
+        factors, conflicts, _ = self.factors_of(observed, self.calibration.output_chunk(n, o))
         factors = {group: f for group, f in factors.items() if group in self.groups}
         if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
             raise ModelError(
