@@ -189,23 +189,8 @@ def check_finite_result(kernel: torch.Tensor, gram: bool) -> None:
         )
 
 
-def ntk_fn(
-    model: nn.Module,
-    *,
-    mode: str = "full",
-    method: str = "auto",
-    params: ParamSelection = None,
-    chunk_size: int | None = None,
-    dtype: torch.dtype | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    check: bool = True,
-    progress: bool = False,
-) -> NTKFunction:
-    """A reusable eNTK of ``model``: ``ntk_fn(model, mode="trace")(x1, x2)``. See :func:`ntk`."""
-    return NTKFunction(
-        model, mode=mode, method=method, params=params, chunk_size=chunk_size, dtype=dtype,
-        memory_budget=memory_budget, check=check, progress=progress,
-    )
+ntk_fn = NTKFunction
+"""``fastntk.ntk_fn(model, *, mode=..., ...)``: a reusable eNTK of ``model`` (same options as :func:`ntk`)."""
 
 
 def ntk(
@@ -257,7 +242,7 @@ def ntk(
         >>> fastntk.ntk(net, torch.randn(5, 3), torch.randn(4, 3)).shape
         torch.Size([5, 4, 2, 2])
     """
-    return ntk_fn(
+    return NTKFunction(
         model, mode=mode, method=method, params=params, chunk_size=chunk_size, dtype=dtype,
         memory_budget=memory_budget, check=check, progress=progress,
     )(x1, x2)
@@ -275,4 +260,4 @@ def plan(
 ) -> Plan:
     """The estimated cost of each exact method for :func:`ntk` with these arguments, and the
     one ``method="auto"`` picks. ``print(fastntk.plan(model, x1, x2))`` shows the table."""
-    return ntk_fn(model, mode=mode, params=params, dtype=dtype, memory_budget=memory_budget).plan(x1, x2)
+    return NTKFunction(model, mode=mode, params=params, dtype=dtype, memory_budget=memory_budget).plan(x1, x2)
