@@ -124,7 +124,9 @@ class StructuredMethod(KernelMethod):
                 fallback.update(group)
         structured = {group: f for group, f in factors.items() if not fallback & set(group)}
         kept = sorted(fallback & set(names))
-        bytes_ = (sum(f.nbytes() for f in structured.values()) + cotangent_bytes) // n
+        direction_bytes = cotangent_bytes // (n * (o if batched else 1))
+        # kept: the factors; transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
+        bytes_ = sum(f.nbytes() for f in structured.values()) // n + direction_bytes
         bytes_ += 2 * o * self.f.dtype.itemsize * sum(self.f.primals[p].numel() for p in kept)
         self.calibration = Layout(
             frozenset(structured),
@@ -134,7 +136,7 @@ class StructuredMethod(KernelMethod):
             {group: "pair" if isinstance(f, PairFactor) else "jacobian" for group, f in structured.items()},
             observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & set(names)),
             batched,
-            cotangent_bytes // (n * (o if batched else 1)),
+            direction_bytes,
         )
 
     def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False) -> tuple[Factors, set[str], int]:
