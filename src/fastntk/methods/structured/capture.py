@@ -1,4 +1,4 @@
-"""One forward pass that records every use of a selected parameter, then one batched backward.
+"""One forward pass that records every use of a selected parameter, then backward passes for the cotangents.
 
 A TorchFunctionMode sees each functional op with its arguments. An op that a rule covers,
 with the selected parameters only in its weight/bias roles, is a structured *use*: its

@@ -1,9 +1,10 @@
 """Method "structured": the kernel from the structure of each layer (Novak et al., ICML 2022).
 
 Per block of samples: one forward pass records the inputs of every covered op
-(``rules``), one batched backward pass gives the output cotangents for all O outputs,
-and each parameter group's share of the kernel is contracted from those factors without
-forming dy/dW. Parameters no rule covers get exact per-sample Jacobians (the fallback),
+(``rules``), backward passes over the whole block give the output cotangents (several
+outputs per vmapped pass while they are small, else one output at a time), and each
+parameter group's share of the kernel is contracted from those factors without forming
+dy/dW. Parameters no rule covers get exact per-sample Jacobians (the fallback),
 so every model works and the kernel stays exact.
 """
 
@@ -18,11 +19,12 @@ import torch
 from ..._checks import tolerance
 from ..._errors import ModelError
 from ..._inputs import Batch
+from ..._modes import block_shape
 from ..base import KernelMethod
 from ..jacobian import flat_jacobian, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents
-from .rules.base import Roles
 from .factors import Factor, JacobianFactor, PairFactor
+from .rules.base import Roles
 
 Factors = dict[tuple[str, ...], Factor]
 
@@ -188,8 +190,6 @@ class StructuredMethod(KernelMethod):
             total = part if total is None else total.add_(part)
         if total is None:
             n1, n2 = _samples(left), _samples(right)
-            from ..._modes import block_shape
-
             return torch.zeros(block_shape(self.mode, n1, n2, self.num_outputs), dtype=self.f.dtype, device=self.f.device)
         return total
 
