@@ -103,7 +103,10 @@ class NTKFunction:
 
         With method="auto" that is the cheapest estimate; otherwise the method asked for.
         """
-        f, x1, x2, num_outputs = self.prepare(x1, x2)
+        return self.estimate(*self.prepare(x1, x2))
+
+    def estimate(self, f: FunctionalModel, x1: Batch, x2: Batch | None, num_outputs: int) -> Plan:
+        """:meth:`plan` for inputs already validated by :meth:`prepare`."""
         spec = describe(x1, "x1")
         structured = self.calibrated("structured", f, num_outputs, spec)
         with quiet_vmap_fallback():
@@ -120,7 +123,7 @@ class NTKFunction:
         if name == "auto":
             key = (spec, batch_size(x1), None if x2 is None else batch_size(x2))
             if key not in self._choices:
-                self._choices[key] = self.plan(x1, x2).chosen
+                self._choices[key] = self.estimate(f, x1, x2, num_outputs).chosen
             name = self._choices[key]
         return self.calibrated(name, f, num_outputs, spec)
 

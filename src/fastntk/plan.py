@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ._engine import default_block
 from ._functional import FunctionalModel
-from ._inputs import Batch, batch_size, take
+from ._inputs import Batch, batch_size, first_samples
 from ._modes import Mode
 from .methods import METHODS, KernelMethod, StructuredMethod
 
@@ -78,27 +78,36 @@ class Plan:
         return "\n".join(lines)
 
 
+def sample_pairs(n1: int, n2: int | None) -> float:
+    """Sample pairs a kernel contracts: n1·n2, or n1(n1+1)/2 for a Gram matrix (n2 None)."""
+    return n1 * (n1 + 1) / 2 if n2 is None else n1 * n2
+
+
+def jacobian_pair_flops(mode: Mode, num_outputs: int, params: int) -> float:
+    """FLOPs of contracting one pair of samples' Jacobians over ``params`` parameters."""
+    return 2.0 * (num_outputs**2 if mode == "full" else num_outputs) * params
+
+
 def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: int) -> float:
     """Estimated FLOPs of ``method`` on an n1 x n2 kernel (n2 None: Gram)."""
     o, p, mode = method.num_outputs, method.f.num_params, method.mode
     symmetric = n2 is None
     m = n1 if symmetric else n2
-    pairs = n1 * (n1 + 1) / 2 if symmetric else n1 * m
+    pairs = sample_pairs(n1, n2)
     factor_samples = n1 if symmetric else n1 + m
     block = default_block(method, budget, n1, symmetric)
     rows = -(-n1 // block)
     if (block + m) * method.bytes_per_sample() > budget:  # right factors recomputed per block row
         factor_samples = n1 + rows * m
     per_sample = fp + o * BACKWARD_FACTOR * fp
-    k = o * o if mode == "full" else o
     if method.name == "vp":
         return m * rows * per_sample + 3.0 * n1 * m * o * fp
     if method.name == "jacobian":
-        return factor_samples * per_sample + 2.0 * pairs * k * p
+        return factor_samples * per_sample + pairs * jacobian_pair_flops(mode, o, p)
     assert isinstance(method, StructuredMethod) and method.calibration is not None
     layout = method.calibration
     fallback = sum(method.f.primals[name].numel() for name in layout.fallback)
-    return factor_samples * per_sample + pairs * (sum(layout.pair_flops.values()) + 2.0 * k * fallback)
+    return factor_samples * per_sample + pairs * (sum(layout.pair_flops.values()) + jacobian_pair_flops(mode, o, fallback))
 
 
 def make_plan(f: FunctionalModel, x1: Batch, x2: Batch | None, mode: Mode, num_outputs: int, budget: int, structured: StructuredMethod | None = None) -> tuple[Plan, dict[str, KernelMethod]]:
@@ -106,17 +115,18 @@ def make_plan(f: FunctionalModel, x1: Batch, x2: Batch | None, mode: Mode, num_o
     methods = {name: cls(f, mode, num_outputs) for name, cls in METHODS.items()}
     if structured is not None:
         methods["structured"] = structured
-    probe = take(x1, 0, min(2, batch_size(x1)))
-    if methods["structured"].calibration is None:
-        methods["structured"].calibrate(probe)
+    if methods["structured"].calibration is None:  # on the same samples as compute_kernel would
+        methods["structured"].calibrate(first_samples(x1, x2, 2))
     fp = max(methods["structured"].calibration.forward_flops, float(num_outputs))
     n1, n2 = batch_size(x1), None if x2 is None else batch_size(x2)
     flops = {name: estimate(m, n1, n2, fp, budget) for name, m in methods.items()}
     layout = methods["structured"].calibration
-    pairs = n1 * (n1 + 1) / 2 if n2 is None else n1 * n2
-    k = num_outputs**2 if mode == "full" else num_outputs
+    pairs = sample_pairs(n1, n2)
     groups = [GroupCost(g, layout.kinds[g], pairs * layout.pair_flops[g]) for g in sorted(layout.groups)]
-    groups += [GroupCost((name,), "fallback", pairs * 2.0 * k * f.primals[name].numel()) for name in layout.fallback]
+    groups += [
+        GroupCost((name,), "fallback", pairs * jacobian_pair_flops(mode, num_outputs, f.primals[name].numel()))
+        for name in layout.fallback
+    ]
     plan = Plan(
         n1, n2, num_outputs, f.num_params, mode, fp, flops,
         {name: m.bytes_per_sample() for name, m in methods.items()}, groups, min(flops, key=flops.get),

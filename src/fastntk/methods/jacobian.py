@@ -15,6 +15,13 @@ from .._modes import Mode
 from .base import KernelMethod
 
 
+def jacobian_bytes(f: FunctionalModel, num_outputs: int, names: list[str] | None = None) -> int:
+    """Peak bytes of one sample's Jacobian rows for the primals ``names`` (all by default):
+    O·p numbers, twice (the rows and jacrev's intermediates)."""
+    params = f.num_params if names is None else sum(f.primals[name].numel() for name in names)
+    return 2 * num_outputs * params * f.dtype.itemsize
+
+
 def per_sample_jacobians(f: FunctionalModel, x: Batch, chunk_size: int | None = None) -> Params:
     """∂f(θ, x_n)/∂θ for every sample: a dict name -> (N, O, *parameter shape)."""
     return vmap(jacrev(f.single), in_dims=(None, 0), chunk_size=chunk_size)(f.primals, x)
@@ -58,4 +65,4 @@ class JacobianMethod(KernelMethod):
         return contract_jacobians(left, right, self.mode)
 
     def bytes_per_sample(self) -> int:
-        return 2 * self.num_outputs * self.f.num_params * self.f.dtype.itemsize
+        return jacobian_bytes(self.f, self.num_outputs)

@@ -20,7 +20,7 @@ from .._errors import ModelError
 from .._functional import Params
 from .._inputs import Batch, batch_size
 from .base import KernelMethod
-from .jacobian import per_sample_jacobians
+from .jacobian import jacobian_bytes, per_sample_jacobians
 
 
 SAMPLE_EVALUATIONS = 2048
@@ -66,7 +66,7 @@ class VPMethod(KernelMethod):
         return diagonal.sum(-1).T
 
     def bytes_per_sample(self) -> int:
-        return 2 * self.num_outputs * self.f.num_params * self.f.dtype.itemsize
+        return jacobian_bytes(self.f, self.num_outputs)  # the x2 block's Jacobian rows
 
 
 @contextlib.contextmanager

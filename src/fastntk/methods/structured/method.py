@@ -21,7 +21,7 @@ from ..._errors import ModelError
 from ..._inputs import Batch
 from ..._modes import block_shape
 from ..base import KernelMethod
-from ..jacobian import flat_jacobian, per_sample_jacobians
+from ..jacobian import flat_jacobian, jacobian_bytes, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents
 from .factors import Factor, JacobianFactor, PairFactor
 from .rules.base import Roles
@@ -129,7 +129,7 @@ class StructuredMethod(KernelMethod):
         direction_bytes = cotangent_bytes // (n * (o if batched else 1))
         # kept: the factors; transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
         bytes_ = sum(f.nbytes() for f in structured.values()) // n + direction_bytes
-        bytes_ += 2 * o * self.f.dtype.itemsize * sum(self.f.primals[p].numel() for p in kept)
+        bytes_ += jacobian_bytes(self.f, o, kept)
         self.calibration = Layout(
             frozenset(structured),
             tuple(kept),
@@ -195,7 +195,7 @@ class StructuredMethod(KernelMethod):
 
     def bytes_per_sample(self) -> int:
         if self.calibration is None:
-            return 2 * self.num_outputs * self.f.num_params * self.f.dtype.itemsize
+            return jacobian_bytes(self.f, self.num_outputs)  # at most: every parameter in the fallback
         return self.calibration.bytes_per_sample
 
 
