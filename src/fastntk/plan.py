@@ -22,6 +22,7 @@ from ._functional import FunctionalModel
 from ._inputs import Batch, batch_size, first_samples
 from ._modes import Mode
 from .methods import METHODS, KernelMethod, StructuredMethod
+from .methods.jacobian import jacobian_pair_flops
 
 BACKWARD_FACTOR = 3.0
 """A reverse pass (with its forward) costs about this many forward passes."""
@@ -81,11 +82,6 @@ class Plan:
 def sample_pairs(n1: int, n2: int | None) -> float:
     """Sample pairs a kernel contracts: n1·n2, or n1(n1+1)/2 for a Gram matrix (n2 None)."""
     return n1 * (n1 + 1) / 2 if n2 is None else n1 * n2
-
-
-def jacobian_pair_flops(mode: Mode, num_outputs: int, params: int) -> float:
-    """FLOPs of contracting one pair of samples' Jacobians over ``params`` parameters."""
-    return 2.0 * (num_outputs**2 if mode == "full" else num_outputs) * params
 
 
 def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: int) -> float:

@@ -32,6 +32,11 @@ def flat_jacobian(j: torch.Tensor) -> torch.Tensor:
     return j.reshape(j.shape[0], j.shape[1], -1)
 
 
+def jacobian_pair_flops(mode: Mode, num_outputs: int, params: int) -> float:
+    """FLOPs of contracting one pair of samples' Jacobians over ``params`` parameters."""
+    return 2.0 * (num_outputs**2 if mode == "full" else num_outputs) * params
+
+
 def contract_jacobian_pair(a: torch.Tensor, b: torch.Tensor, mode: Mode) -> torch.Tensor:
     """One parameter's share of the kernel from Jacobians a (N1, O, p) and b (N2, O, p)."""
     n1, o, p = a.shape

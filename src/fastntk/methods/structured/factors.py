@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from ..._modes import Mode
-from ..jacobian import contract_jacobian_pair
+from ..jacobian import contract_jacobian_pair, jacobian_pair_flops
 
 def dot_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
     """X[n, m, s, t] = ⟨k1[n, s], k2[m, t]⟩ for keys (N, S, d)."""
@@ -52,7 +52,7 @@ class JacobianFactor:
     def pair_flops(self, mode: Mode) -> float:
         """FLOPs of contracting one pair of samples."""
         o, p = self.jacobian.shape[1:]
-        return 2.0 * (o * o if mode == "full" else o) * p
+        return jacobian_pair_flops(mode, o, p)
 
     def merge(self, other: "JacobianFactor") -> "JacobianFactor":
         """Two uses of one parameter: their Jacobians add."""
