@@ -12,6 +12,7 @@ from torch import nn
 
 from ._checks import check_per_sample, check_training_mode
 from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
+from ._gemm import fast_matmuls
 from ._errors import NonFiniteError, OptionError
 from ._functional import FunctionalModel, ParamSelection, select_parameters
 from ._inputs import Batch, BatchSpec, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
@@ -109,7 +110,7 @@ class NTKFunction:
         """:meth:`plan` for inputs already validated by :meth:`prepare`."""
         spec = describe(x1, "x1")
         structured = self.calibrated("structured", f, num_outputs, spec)
-        with quiet_vmap_fallback():
+        with kernel_context():
             plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured)
         self._calibrations[(spec, "structured")] = methods["structured"].calibration
         if self.method != "auto":
@@ -138,7 +139,7 @@ class NTKFunction:
         """
         f, x1, x2, num_outputs = self.prepare(x1, x2)
         method = self.kernel_method(f, num_outputs, x1, x2)
-        with torch.no_grad(), quiet_vmap_fallback():
+        with torch.no_grad(), kernel_context():
             kernel = compute_kernel(method, x1, x2, block=self.chunk_size, budget=self.memory_budget, progress=self.progress)
         self._calibrations[(describe(x1, "x1"), method.name)] = method.calibration
         if self.mean:
@@ -154,13 +155,13 @@ class NTKFunction:
 
 
 @contextlib.contextmanager
-def quiet_vmap_fallback() -> Iterator[None]:
-    """Silence torch.func's "performance drop" warnings for ops without a batching rule.
-
-    They repeat on every call (and format source lines each time); fastntk's cost model
-    and methods already account for such ops.
+def kernel_context() -> Iterator[None]:
+    """What every kernel computation runs in: float32 CPU matrix products through oneDNN
+    (``_gemm``), and torch.func's "performance drop" warnings for ops without a batching
+    rule silenced (they repeat on every call and format source lines each time; the cost
+    model and the methods already account for such ops).
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), fast_matmuls():
         warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
         yield
 

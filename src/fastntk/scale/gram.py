@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from .._api import PROBE, NTKFunction, is_positive_int
+from .._api import PROBE, NTKFunction, is_positive_int, kernel_context
 from .._engine import ranges
 from .._errors import ModelError, NonFiniteError, OptionError
 from .._functional import FunctionalModel, ParamSelection
@@ -379,7 +379,8 @@ def build_method(problem: Problem, name: str) -> KernelMethod:
     """Method ``name``, bound to the model and calibrated on the first samples (once per call)."""
     if name not in problem.methods:
         kernel = METHODS[name](problem.f, problem.fn.mode, problem.num_outputs)
-        kernel.calibrate(calibration_samples(problem))
+        with kernel_context():
+            kernel.calibrate(calibration_samples(problem))
         problem.methods[name] = kernel
     return problem.methods[name]
 
@@ -511,7 +512,7 @@ def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block:
     right: Any = None
     started, pairs = time.perf_counter(), 0
     for k, b in enumerate(mine):
-        with torch.no_grad():
+        with torch.no_grad(), kernel_context():
             if fetch_left[k]:
                 t += 1
                 left = cache.get(left_key(b), t, size(left_key(b)), factors(left_key(b)))

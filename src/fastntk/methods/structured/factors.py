@@ -47,6 +47,8 @@ class JacobianFactor:
     @staticmethod
     def stack_outputs(parts: list["JacobianFactor"]) -> "JacobianFactor":
         """The factor of all outputs from factors of consecutive output slices."""
+        if len(parts) == 1:
+            return parts[0]
         return JacobianFactor(torch.cat([p.jacobian for p in parts], dim=1))
 
     def pair_flops(self, mode: Mode) -> float:
@@ -62,12 +64,35 @@ class JacobianFactor:
         return self.jacobian.numel() * self.jacobian.element_size()
 
 
+def output_major(g: torch.Tensor) -> torch.Tensor:
+    """g (N, O, ...) stored output by output (as a (O, N, ...) tensor, the layout backward
+    passes batched over outputs produce), viewed as (N, O, ...); copies only if it is not."""
+    return g.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def summed_over_outputs(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """Σ_a g1[a] g2[a]ᵀ for output-major rows g1 (O, R1, e) and g2 (O, R2, e): (R1, R2).
+
+    One GEMM per output reads them in place; when those GEMMs would be small, one GEMM over
+    (O·e) on sample-major copies is faster.
+    """
+    o, r1, e = g1.shape
+    r2 = g2.shape[1]
+    if 2 * r1 * r2 * e < 2**20:
+        return g1.transpose(0, 1).reshape(r1, o * e) @ g2.transpose(0, 1).reshape(r2, o * e).T
+    total = g1[0] @ g2[0].T
+    for a in range(1, o):
+        total += g1[a] @ g2[a].T
+    return total
+
+
 @dataclass
 class PairFactor:
     """Keys and cotangents g (N, O, S, e) of a linear map applied at S positions.
 
     ``kind`` "dot": keys (N, S, d) are layer inputs, X = ⟨k, k'⟩; "index": keys (N, S)
-    are embedding indices, X = [k == k'].
+    are embedding indices, X = [k == k']. The cotangents are kept output-major (see
+    :func:`output_major`), the layout they are computed in, so no contraction copies them.
     """
 
     keys: torch.Tensor
@@ -76,7 +101,8 @@ class PairFactor:
     plus_one: bool
 
     def __post_init__(self) -> None:
-        self.cotangents = self.cotangents.contiguous()  # once, not in every contraction
+        self.cotangents = output_major(self.cotangents)
+
     def merge(self, other: "PairFactor") -> "PairFactor":
         """Two uses of one weight: their positions concatenate."""
         return PairFactor(
@@ -90,7 +116,10 @@ class PairFactor:
     def stack_outputs(parts: list["PairFactor"]) -> "PairFactor":
         """The factor of all outputs from factors of consecutive output slices (same keys)."""
         first = parts[0]
-        return PairFactor(first.keys, torch.cat([p.cotangents for p in parts], dim=1), first.kind, first.plus_one)
+        if len(parts) == 1:
+            return first
+        cotangents = torch.cat([p.cotangents.transpose(0, 1) for p in parts]).transpose(0, 1)
+        return PairFactor(first.keys, cotangents, first.kind, first.plus_one)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.cotangents))
@@ -120,27 +149,28 @@ class PairFactor:
         return torch.cat(parts)
 
     def contract(self, other: "PairFactor", mode: Mode) -> torch.Tensor:
-        g1, g2 = self.cotangents, other.cotangents
-        n1, o, s1, e = g1.shape
-        n2, _, s2, _ = g2.shape
+        n1, o, s1, e = self.cotangents.shape
+        n2, _, s2, _ = other.cotangents.shape
+        # output-major rows: (O, N·S, e), views of the stored cotangents
+        g1 = self.cotangents.transpose(0, 1).reshape(o, n1 * s1, e)
+        g2 = other.cotangents.transpose(0, 1).reshape(o, n2 * s2, e)
         x = self.key_gram(other)  # (N1, N2, S1, S2)
         if s1 == 1 and s2 == 1:
             x = x.reshape(n1, n2)
-            g1, g2 = g1.reshape(n1, o, e), g2.reshape(n2, o, e)
             if mode == "full":
-                cot = (g1.reshape(n1 * o, e) @ g2.reshape(n2 * o, e).T).reshape(n1, o, n2, o)
-                return cot.mul_(x[:, None, :, None]).permute(0, 2, 1, 3)
+                cot = (g1.reshape(o * n1, e) @ g2.reshape(o * n2, e).T).reshape(o, n1, o, n2)
+                return cot.mul_(x[None, :, None, :]).permute(1, 3, 0, 2)
             if mode == "trace":
-                return (g1.reshape(n1, o * e) @ g2.reshape(n2, o * e).T).mul_(x)
-            return torch.bmm(g1.transpose(0, 1), g2.permute(1, 2, 0)).permute(1, 2, 0) * x[:, :, None]
+                return summed_over_outputs(g1, g2).mul_(x)
+            return torch.bmm(g1, g2.transpose(1, 2)).mul_(x).permute(1, 2, 0)
         if mode == "full":
-            cot = (g1.reshape(n1 * o * s1, e) @ g2.reshape(n2 * o * s2, e).T).reshape(n1, o, s1, n2, o, s2)
-            return torch.einsum("nasmbt,nmst->nmab", cot, x)
+            cot = (g1.reshape(o * n1 * s1, e) @ g2.reshape(o * n2 * s2, e).T).reshape(o, n1, s1, o, n2, s2)
+            return torch.einsum("ansbmt,nmst->nmab", cot, x)
         if mode == "trace":
-            cot = g1.permute(0, 2, 1, 3).reshape(n1 * s1, o * e) @ g2.permute(0, 2, 1, 3).reshape(n2 * s2, o * e).T
-            return torch.einsum("nsmt,nmst->nm", cot.reshape(n1, s1, n2, s2), x)
-        cot = torch.bmm(g1.permute(1, 0, 2, 3).reshape(o, n1 * s1, e), g2.permute(1, 3, 0, 2).reshape(o, e, n2 * s2))
-        return torch.einsum("ansmt,nmst->nma", cot.reshape(o, n1, s1, n2, s2), x)
+            cot = summed_over_outputs(g1, g2).reshape(n1, s1, n2, s2)
+            return torch.einsum("nsmt,nmst->nm", cot, x)
+        cot = torch.bmm(g1, g2.transpose(1, 2)).reshape(o, n1, s1, n2, s2)
+        return torch.einsum("ansmt,nmst->nma", cot, x)
 
 
 Factor = JacobianFactor | PairFactor
