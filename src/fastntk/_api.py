@@ -15,7 +15,7 @@ from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
 from ._gemm import fast_matmuls
 from ._errors import NonFiniteError, OptionError
 from ._functional import FunctionalModel, ParamSelection, select_parameters
-from ._inputs import Batch, BatchSpec, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
+from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
 from ._modes import MODES, Mode, check_mode
 from .methods import METHODS, KernelMethod
 from .plan import Plan, make_plan
@@ -144,7 +144,7 @@ class NTKFunction:
         self._calibrations[(describe(x1, "x1"), method.name)] = method.calibration
         if self.mean:
             kernel = kernel / num_outputs
-        if self.check and not bool(torch.isfinite(kernel).all()):
+        if self.check and not all_finite(kernel):
             try:
                 f.check_finite_params()  # checked only now: a cost on every call otherwise
             except NonFiniteError as exc:

@@ -94,14 +94,21 @@ def check_fits_model(spec: BatchSpec, name: str, device: torch.device, dtype: to
             )
 
 
-def check_finite(x: Batch, name: str) -> None:
-    """Raise NonFiniteError naming the first sample of ``x`` that holds NaN or inf."""
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN or inf. A finite sum proves it in one cheap
+    reduction (any NaN or inf makes the sum NaN or inf); only a sum that is not finite,
+    by overflow or a bad entry, needs the entry-by-entry test."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_finite(x: Batch, name: str, first: int = 0) -> None:
+    """Raise NonFiniteError naming the first sample of ``x`` that holds NaN or inf (numbered
+    from ``first``: where this batch starts in a larger data set)."""
     for i, leaf in enumerate(leaves(x)):
-        if leaf.is_floating_point() or leaf.is_complex():
+        if (leaf.is_floating_point() or leaf.is_complex()) and not all_finite(leaf):
             bad = ~torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(dim=1)
-            if bool(bad.any()):
-                n = int(bad.nonzero()[0])
-                raise NonFiniteError(f"{name} (leaf {i}) contains NaN or inf, first in sample {n}: clean the inputs first")
+            n = first + int(bad.nonzero()[0])
+            raise NonFiniteError(f"{name} (leaf {i}) contains NaN or inf, first in sample {n}: clean the inputs first")
 
 
 def cast_floating(x: Batch, dtype: torch.dtype) -> Batch:

@@ -33,7 +33,7 @@ from .._api import PROBE, NTKFunction, is_positive_int, kernel_context
 from .._engine import ranges
 from .._errors import ModelError, NonFiniteError, OptionError
 from .._functional import FunctionalModel, ParamSelection
-from .._inputs import Batch, batch_size, first_samples, leaves
+from .._inputs import Batch, all_finite, batch_size, check_finite, first_samples, leaves
 from .._modes import block_shape, transpose_block
 from ..methods import METHODS, KernelMethod
 from ..plan import estimate, make_plan
@@ -110,14 +110,7 @@ class Problem:
 
         x = pytree.tree_map(fresh, source.take(start, stop))
         if self.check:
-            for i, leaf in enumerate(leaves(x)):
-                if leaf.is_floating_point() or leaf.is_complex():
-                    bad = ~torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(dim=1)
-                    if bool(bad.any()):
-                        raise NonFiniteError(
-                            f"{source.name} (leaf {i}) contains NaN or inf, first in sample {start + int(bad.nonzero()[0])}: "
-                            "clean the inputs first"
-                        )
+            check_finite(x, source.name, first=start)
         return x
 
 
@@ -523,7 +516,7 @@ def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block:
             value = kernel.contract(left, current)
         if problem.fn.mean:
             value = value / problem.num_outputs
-        if problem.check and not bool(torch.isfinite(value).all()):
+        if problem.check and not all_finite(value):
             problem.f.check_finite_params()
             bad = (~torch.isfinite(value)).nonzero()[0]
             raise NonFiniteError(
