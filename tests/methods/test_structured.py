@@ -10,6 +10,7 @@ from cases import CASES_BY_NAME, STRUCTURED_CASES
 from conftest import DTYPES, assert_kernel_close, reduce_full, reference_full
 from fastntk._functional import FunctionalModel
 from fastntk.methods import StructuredMethod
+from fastntk.methods.structured.rules import conv
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -23,6 +24,21 @@ def test_structured_matches_reference(case: str, mode: str, gram: bool, dtype: t
     x2 = None if gram else c.draw(3, dtype, seed=2)
     kernel = fastntk.ntk(model, x1, x2, mode=mode, method="structured")
     assert_kernel_close(kernel, reduce_full(reference_full(case, dtype, gram), mode), dtype)
+
+
+CONV_CASES = ["tutorial_cnn", "conv1d", "conv2d_options", "conv2d_groups", "depthwise_separable", "conv1d_dilated", "conv3d", "groupnorm"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["full", "trace"])
+@pytest.mark.parametrize("path", ["grouped", "patches"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_both_conv_weight_jacobians(case: str, path: str, mode: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every convolution through the grouped weight backward, or (1d/2d) through patches."""
+    monkeypatch.setattr(conv, "SMALL_PATCH", 0 if path == "grouped" else 10**9)
+    c = CASES_BY_NAME[case]
+    kernel = fastntk.ntk(c.build(dtype), c.draw(4, dtype, seed=1), c.draw(3, dtype, seed=2), mode=mode, method="structured")
+    assert_kernel_close(kernel, reduce_full(reference_full(case, dtype, False), mode), dtype)
 
 
 def calibrated(case: str) -> StructuredMethod:

@@ -3,7 +3,11 @@
 The weight Jacobian of every (sample, output) pair is what a weight-gradient kernel
 computes. One call of the convolution's own weight backward computes all of them: the
 samples become groups (so their gradients are not summed) and the O cotangents of a sample
-become extra output channels of its group.
+become extra output channels of its group. When each output channel sees only a few
+inputs (C_in/groups · kernel size <= SMALL_PATCH, e.g. a first layer on RGB images or a
+depthwise convolution), 1d/2d convolutions use the input's patches (im2col) and batched
+GEMMs instead: oneDNN's grouped weight-gradient kernel for so few channels per group is
+slow, and its first call in a process costs ~30 ms of set-up.
 """
 
 from __future__ import annotations
@@ -30,26 +34,73 @@ def same_padding(kernel: list[int], dilation: list[int]) -> list[int]:
     return widths
 
 
-def conv_weight_jacobian(x: torch.Tensor, g: torch.Tensor, weight_shape: torch.Size, options: dict) -> torch.Tensor:
-    """(N, O, |W|) from inputs x (N, C_in, *spatial) and cotangents g (N, O, C_out, *spatial_out)."""
-    n, o, c_out = g.shape[:3]
+SMALL_PATCH = 32
+"""Inputs per output channel (C_in/groups · kernel size) up to which 1d/2d convolutions use patches."""
+
+
+def saved_geometry(call: dict) -> Saved:
+    """The call's input (padded explicitly for padding="same") and its options as per-dim lists."""
+    x = call["input"].detach()
     dims = x.dim() - 2
-    groups = options.get("groups", 1)
-    kernel = list(weight_shape[2:])
-    stride = as_tuple(options.get("stride", 1), dims)
-    dilation = as_tuple(options.get("dilation", 1), dims)
-    padding = options.get("padding", 0)
+    kernel = list(call["weight"].shape[2:])
+    dilation = as_tuple(call.get("dilation", 1), dims)
+    padding = call.get("padding", 0)
     if isinstance(padding, str):
         if padding == "same":
             x = F.pad(x, same_padding(kernel, dilation))
         padding = 0
-    padding = as_tuple(padding, dims)
+    return {
+        "input": x,
+        "weight_shape": call["weight"].shape,
+        "stride": as_tuple(call.get("stride", 1), dims),
+        "padding": as_tuple(padding, dims),
+        "dilation": dilation,
+        "groups": call.get("groups", 1),
+    }
+
+
+def uses_patches(saved: Saved) -> bool:
+    return saved["input"].dim() <= 4 and saved["weight_shape"][1:].numel() <= SMALL_PATCH
+
+
+def conv_weight_jacobian(saved: Saved, g: torch.Tensor) -> torch.Tensor:
+    """(N, O, |W|) from the saved call and cotangents g (N, O, C_out, *spatial_out)."""
+    if uses_patches(saved):
+        if "patches" not in saved:  # once per block, shared by every chunk of outputs
+            saved["patches"] = input_patches(saved)
+        return patch_weight_jacobian(saved["patches"], g)
+    return grouped_weight_jacobian(saved, g)
+
+
+def input_patches(saved: Saved) -> torch.Tensor:
+    """The 1d/2d input's patches (im2col) per group: (N, G, C_in/G·k, L)."""
+    x, kernel = saved["input"], list(saved["weight_shape"][2:])
+    stride, padding, dilation = saved["stride"], saved["padding"], saved["dilation"]
+    if x.dim() == 3:  # 1d as 2d with a height of one
+        x, kernel, stride, padding, dilation = x.unsqueeze(2), [1, *kernel], [1, *stride], [0, *padding], [1, *dilation]
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return patches.reshape(x.shape[0], saved["groups"], -1, patches.shape[-1])
+
+
+def patch_weight_jacobian(patches: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The Jacobians from patches (N, G, C_in/G·k, L) and g (N, O, C_out, L): GEMMs per (sample, group)."""
+    n, o, c_out = g.shape[:3]
+    groups = patches.shape[1]
+    grad = g.reshape(n, o, groups, c_out // groups, -1)  # (N, O, G, C_out/G, L)
+    return torch.einsum("nagcl,ngkl->nagck", grad, patches).reshape(n, o, -1)
+
+
+def grouped_weight_jacobian(saved: Saved, g: torch.Tensor) -> torch.Tensor:
+    """The Jacobians from one call of the convolution's weight backward, a group per (sample, group)."""
+    x, weight_shape, groups = saved["input"], saved["weight_shape"], saved["groups"]
+    n, o, c_out = g.shape[:3]
+    dims = x.dim() - 2
     per_group = c_out // groups
     # output channels ordered (sample, group, output, channel-in-group); one group per (sample, group)
     grad = g.reshape(n, o, groups, per_group, *g.shape[3:]).transpose(1, 2).reshape(1, n * groups * o * per_group, *g.shape[3:])
-    weight = x.new_zeros(()).expand(n * groups * o * per_group, weight_shape[1], *kernel)  # only its shape is read
+    weight = x.new_zeros(()).expand(n * groups * o * per_group, *weight_shape[1:])  # only its shape is read
     _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, x.reshape(1, -1, *x.shape[2:]), weight, None, stride, padding, dilation,
+        grad, x.reshape(1, -1, *x.shape[2:]), weight, None, saved["stride"], saved["padding"], saved["dilation"],
         False, [0] * dims, n * groups, [False, True, False],
     )
     return grad_weight.reshape(n, groups, o, per_group, -1).transpose(1, 2).reshape(n, o, -1)
@@ -62,14 +113,12 @@ class ConvRule(Rule):
         self.functions = (function,)
 
     def save(self, call: dict, output: torch.Tensor) -> Saved:
-        options = {k: call[k] for k in ("stride", "padding", "dilation", "groups") if k in call}
-        return {"input": call["input"].detach(), "weight_shape": call["weight"].shape, "options": options}
+        return saved_geometry(call)
 
     def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         factors: dict[tuple[str, ...], Factor] = {}
         if "weight" in roles:
-            jacobian = conv_weight_jacobian(saved["input"], cotangents, saved["weight_shape"], saved["options"])
-            factors[(roles["weight"],)] = JacobianFactor(jacobian)
+            factors[(roles["weight"],)] = JacobianFactor(conv_weight_jacobian(saved, cotangents))
         if "bias" in roles:
             factors[(roles["bias"],)] = JacobianFactor(position_sum(cotangents.movedim(2, -1), 1))
         return factors
