@@ -104,27 +104,30 @@ class NTKFunction:
 
         With method="auto" that is the cheapest estimate; otherwise the method asked for.
         """
-        return self.estimate(*self.prepare(x1, x2))
+        return self.estimate(*self.prepare(x1, x2))[0]
 
-    def estimate(self, f: FunctionalModel, x1: Batch, x2: Batch | None, num_outputs: int) -> Plan:
-        """:meth:`plan` for inputs already validated by :meth:`prepare`."""
+    def estimate(self, f: FunctionalModel, x1: Batch, x2: Batch | None, num_outputs: int) -> tuple[Plan, dict[str, KernelMethod]]:
+        """:meth:`plan` for inputs already validated by :meth:`prepare`, with the methods it costed."""
         spec = describe(x1, "x1")
         structured = self.calibrated("structured", f, num_outputs, spec)
         with kernel_context():
-            plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured)
+            plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured, self.chunk_size)
         self._calibrations[(spec, "structured")] = methods["structured"].calibration
         if self.method != "auto":
             plan.chosen = self.method
-        return plan
+        return plan, methods
 
     def kernel_method(self, f: FunctionalModel, num_outputs: int, x1: Batch, x2: Batch | None) -> KernelMethod:
-        """The exact method this call uses (for "auto", chosen once per kind and size of input)."""
+        """The exact method this call uses (for "auto", chosen once per kind and size of input;
+        when chosen now, the method the plan calibrated, with the factors it already computed)."""
         spec = describe(x1, "x1")
         name = self.method
         if name == "auto":
             key = (spec, batch_size(x1), None if x2 is None else batch_size(x2))
             if key not in self._choices:
-                self._choices[key] = self.estimate(f, x1, x2, num_outputs).chosen
+                plan, methods = self.estimate(f, x1, x2, num_outputs)
+                self._choices[key] = plan.chosen
+                return methods[plan.chosen]
             name = self._choices[key]
         return self.calibrated(name, f, num_outputs, spec)
 

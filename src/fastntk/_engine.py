@@ -38,6 +38,25 @@ def default_block(method: KernelMethod, budget: int, n: int, symmetric: bool) ->
     return block
 
 
+def calibrate_on_first_block(method: KernelMethod, x1: Batch, x2: Batch | None, block: int | None, budget: int) -> int:
+    """Calibrate ``method`` on the block of x1 the engine computes first, and return the block size.
+
+    The method may keep that block's factors (the structured method does), so calibrating
+    costs little beyond them. A first block of one sample is too few to calibrate on (the
+    structured check compares samples): then the first two samples are used, x2 topping up.
+    """
+    n1 = batch_size(x1)
+    if block is None:
+        method.estimate_size(first_samples(x1, x2, 1))
+        block = default_block(method, budget, n1, x2 is None)
+    first = min(block, n1)
+    if first >= 2:
+        method.calibrate(take(x1, 0, first), keep=True)
+    else:
+        method.calibrate(first_samples(x1, x2, 2))
+    return block
+
+
 def block_pairs(n1: int, n2: int, size: int, symmetric: bool) -> Iterator[tuple[int, int, tuple[int, int], tuple[int, int]]]:
     """(i, j, rows, cols) for every block to compute; only j >= i when symmetric."""
     rows, cols = ranges(n1, size), ranges(n2, size)
@@ -75,7 +94,7 @@ def compute_kernel(
     f = method.f
     out = torch.empty(block_shape(method.mode, n1, n2, method.num_outputs), device=f.device, dtype=f.dtype)
     if method.calibration is None:
-        method.calibrate(first_samples(x1, x2, 2))
+        block = calibrate_on_first_block(method, x1, x2, block, budget)
     block = block or default_block(method, budget, n1, symmetric)
     pairs = list(block_pairs(n1, n2, block, symmetric))
     shared = symmetric and method.symmetric_factors  # a block's left factors serve as its right ones

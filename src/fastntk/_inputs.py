@@ -121,6 +121,17 @@ def take(x: Batch, start: int, stop: int) -> Batch:
     return pytree.tree_map(lambda t: t[start:stop], x)
 
 
+def same_batch(a: Batch, b: Batch) -> bool:
+    """Whether two batches are views of the same memory with the same shapes (e.g. two
+    takes of one block), so anything computed from one holds for the other."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    return spec_a == spec_b and all(
+        s.data_ptr() == t.data_ptr() and s.shape == t.shape and s.stride() == t.stride() and s.dtype == t.dtype and s.device == t.device
+        for s, t in zip(leaves_a, leaves_b)
+    )
+
+
 def concat(xs: list[Batch]) -> Batch:
     """Concatenate batches of the same structure along dim 0."""
     flats = [pytree.tree_flatten(x) for x in xs]

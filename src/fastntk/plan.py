@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._engine import default_block
+from ._engine import calibrate_on_first_block, default_block
 from ._functional import FunctionalModel
-from ._inputs import Batch, batch_size, first_samples
+from ._inputs import Batch, batch_size
 from ._modes import Mode
 from .methods import METHODS, KernelMethod, StructuredMethod
 from .methods.jacobian import jacobian_pair_flops
@@ -106,13 +106,21 @@ def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: i
     return factor_samples * per_sample + pairs * (sum(layout.pair_flops.values()) + jacobian_pair_flops(mode, o, fallback))
 
 
-def make_plan(f: FunctionalModel, x1: Batch, x2: Batch | None, mode: Mode, num_outputs: int, budget: int, structured: StructuredMethod | None = None) -> tuple[Plan, dict[str, KernelMethod]]:
-    """Cost every exact method and choose; returns the plan and the (calibrated) methods."""
+def make_plan(
+    f: FunctionalModel, x1: Batch, x2: Batch | None, mode: Mode, num_outputs: int, budget: int,
+    structured: StructuredMethod | None = None, block: int | None = None,
+) -> tuple[Plan, dict[str, KernelMethod]]:
+    """Cost every exact method and choose; returns the plan and the (calibrated) methods.
+
+    The structured method is calibrated as the engine would (on its first block of
+    ``block`` samples, derived from ``budget`` when None), so if it is chosen, that block's
+    factors are already computed.
+    """
     methods = {name: cls(f, mode, num_outputs) for name, cls in METHODS.items()}
     if structured is not None:
         methods["structured"] = structured
-    if methods["structured"].calibration is None:  # on the same samples as compute_kernel would
-        methods["structured"].calibrate(first_samples(x1, x2, 2))
+    if methods["structured"].calibration is None:
+        calibrate_on_first_block(methods["structured"], x1, x2, block, budget)
     fp = max(methods["structured"].calibration.forward_flops, float(num_outputs))
     n1, n2 = batch_size(x1), None if x2 is None else batch_size(x2)
     flops = {name: estimate(m, n1, n2, fp, budget) for name, m in methods.items()}

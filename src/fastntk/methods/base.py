@@ -32,8 +32,12 @@ class KernelMethod(ABC):
         self.num_outputs = num_outputs
         self.vmap_chunk = vmap_chunk
 
-    def calibrate(self, x: Batch) -> None:
-        """Look at one sample before blocks are sized (e.g. to measure factor sizes)."""
+    def estimate_size(self, x: Batch) -> None:
+        """Look at a few samples before blocks are sized, when ``bytes_per_sample`` needs it."""
+
+    def calibrate(self, x: Batch, keep: bool = False) -> None:
+        """Learn what depends on the model (e.g. factor sizes) from the samples x. With
+        ``keep``, the method may keep what it computed for x to serve a later ``left(x)``."""
 
     @abstractmethod
     def left(self, x: Batch) -> Any:

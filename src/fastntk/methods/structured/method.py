@@ -10,15 +10,17 @@ so every model works and the kernel stays exact.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..._checks import tolerance
 from ..._errors import ModelError
-from ..._inputs import Batch
+from ..._inputs import Batch, same_batch
 from ..._modes import block_shape
 from ..base import KernelMethod
 from ..jacobian import flat_jacobian, jacobian_bytes, per_sample_jacobians
@@ -56,16 +58,15 @@ class Layout:
     forward_flops: float
     """FLOPs of one sample's forward pass: matmuls and convolutions seen, plus 2 per parameter
     used by ops no FLOP rule covers (attention kernels and the like)."""
-    batched_backward: bool
-    """Whether the model's backward vmaps over outputs without falling back to loops."""
+    batched_backward: bool | None
+    """Whether the model's backward vmaps over outputs without falling back to loops (None: not
+    tried yet, the calibration block got its cotangents one output at a time)."""
     direction_bytes: int
     """Bytes of one sample's cotangents for one output."""
 
     def output_chunk(self, n: int, num_outputs: int) -> int:
         """Outputs whose cotangents are computed together for a block of n samples."""
-        if not self.batched_backward:
-            return 1
-        return max(1, min(num_outputs, CHUNK_BYTES // max(1, n * self.direction_bytes)))
+        return 1 if self.batched_backward is False else output_chunk(n, num_outputs, self.direction_bytes)
 
 
 class StructuredMethod(KernelMethod):
@@ -73,6 +74,10 @@ class StructuredMethod(KernelMethod):
 
     name = "structured"
     calibration: Layout | None = None
+    size_bound: int | None = None
+    """Bytes per sample at most, from :meth:`estimate_size` (used to size blocks before calibrating)."""
+    kept: tuple[Batch, Factors] | None = None
+    """The calibration block and its factors, handed to the first ``left`` call on that block."""
 
     @property
     def fallback(self) -> list[str]:
@@ -86,13 +91,32 @@ class StructuredMethod(KernelMethod):
         assert self.calibration is not None, "calibrate first"
         return self.calibration.groups
 
-    def calibrate(self, x: Batch) -> None:
+    def estimate_size(self, x: Batch) -> None:
+        """Bound the bytes per sample from one forward pass on a few samples (no backward).
+
+        Per covered use: its saved inputs plus O times its output and its parameters (a
+        factor keeps either the cotangents of the output or a Jacobian of the parameters);
+        one output's cotangents besides; the fallback's Jacobian rows.
+        """
+        observed = capture(self.f, x)
+        n, o = observed.outputs.shape
+        itemsize = self.f.dtype.itemsize
+        kept = 0
+        for use in observed.uses:
+            saved = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(use.saved) if isinstance(t, torch.Tensor))
+            params = sum(self.f.primals[name].numel() for name in use.roles.values())
+            kept += saved + o * (use.output.numel() + n * params) * itemsize
+        self.size_bound = kept // n + direction_bytes(observed) + jacobian_bytes(self.f, o, sorted(observed.unstructured & set(self.f.primals)))
+
+    def calibrate(self, x: Batch, keep: bool = False) -> None:
         """Fix which parameter groups are structured, checking each against autograd on x.
 
         The gradient of Σ r[n, a] f_a(x_n), for fixed random weights r, is computed by
         autograd and from each group's factors; a group that disagrees (an op used in a
         way its rule does not model, samples reordered inside the model, ...) goes to the
-        Jacobian fallback. Also measures the factors' bytes per sample.
+        Jacobian fallback. Also measures the factors' bytes per sample. With ``keep``, x's
+        factors are kept for the first ``left(x)``: calibrating on the first block costs
+        only the check.
         """
         observed = capture(self.f, x)
         n, o = observed.outputs.shape
@@ -103,22 +127,27 @@ class StructuredMethod(KernelMethod):
             objective = (observed.outputs * weights).sum()
         true = torch.autograd.grad(objective, list(observed.primals.values()), retain_graph=True, allow_unused=True)
         true_by_name = {name: torch.zeros_like(observed.primals[name]) if g is None else g for name, g in zip(names, true)}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                factors, conflicts, cotangent_bytes = self.factors_of(observed, chunk=o, retain_graph=True)
-                batched = not any("performance drop" in str(w.message) for w in caught)
-            except RuntimeError:  # an op whose backward cannot be vmapped over outputs
-                batched = False
+        per_direction = direction_bytes(observed)
+        chunk = output_chunk(n, o, per_direction)
+        batched: bool | None = None
+        if chunk > 1:  # learn whether the backward pass vmaps over outputs
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True)
+                    batched = not any("performance drop" in str(w.message) for w in caught)
+                except RuntimeError:  # an op whose backward cannot be vmapped over outputs
+                    batched = False
         if not batched:
-            factors, conflicts, cotangent_bytes = self.factors_of(observed, chunk=1)
+            factors, conflicts = self.factors_of(observed, chunk=1)
+        del observed.outputs, objective  # free the graph before the check
         scale = max((g.abs().max().item() for g in true_by_name.values() if g.numel()), default=0.0)
         tol = tolerance(self.f.dtype) * max(scale, torch.finfo(self.f.dtype).tiny)
         rejected: set[str] = set()
         for group, factor in factors.items():
             expected = torch.cat([true_by_name[name].reshape(-1) for name in group])
             claimed = factor.gradient(weights, [observed.primals[name].shape for name in group])
-            if claimed.shape != expected.shape or (claimed - expected).abs().max().item() > tol:
+            if claimed.shape != expected.shape or (claimed - expected).abs_().max().item() > tol:
                 rejected.update(group)
         fallback = observed.unstructured | conflicts | rejected
         for group in factors:  # a group is structured whole or not at all
@@ -126,9 +155,8 @@ class StructuredMethod(KernelMethod):
                 fallback.update(group)
         structured = {group: f for group, f in factors.items() if not fallback & set(group)}
         kept = sorted(fallback & set(names))
-        direction_bytes = cotangent_bytes // (n * (o if batched else 1))
         # kept: the factors; transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
-        bytes_ = sum(f.nbytes() for f in structured.values()) // n + direction_bytes
+        bytes_ = sum(f.nbytes() for f in structured.values()) // n + per_direction
         bytes_ += jacobian_bytes(self.f, o, kept)
         self.calibration = Layout(
             frozenset(structured),
@@ -138,48 +166,58 @@ class StructuredMethod(KernelMethod):
             {group: "pair" if isinstance(f, PairFactor) else "jacobian" for group, f in structured.items()},
             observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & set(names)),
             batched,
-            direction_bytes,
+            per_direction,
         )
+        self.kept = (x, self.with_fallback(structured, x)) if keep else None
 
-    def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False) -> tuple[Factors, set[str], int]:
-        """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time.
-
-        Returns the factors, the parameters whose uses cannot be combined exactly, and the
-        bytes of one chunk's cotangents (the transient peak besides the factors).
-        """
-        uses, num_outputs = observed.uses, observed.outputs.shape[1]
+    def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False) -> tuple[Factors, set[str]]:
+        """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time, and
+        the parameters whose uses cannot be combined exactly."""
+        uses = observed.uses
         shared = shared_parameters(uses)
         roles_of = [split(use.roles) if shared & set(use.roles.values()) else [use.roles] for use in uses]
         parts: list[list[Factors]] = [[] for _ in uses]
-        peak = 0
         for cotangents in per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph):
-            peak = max(peak, sum(g.numel() * g.element_size() for g in cotangents if g is not None))
             for i, (use, g) in enumerate(zip(uses, cotangents)):
                 if g is not None:  # None: this layer does not affect the outputs
                     factors: Factors = {}
                     for roles in roles_of[i]:
-                        factors.update(use.rule.factors(use.saved, g, roles, self.mode, num_outputs))
+                        factors.update(use.rule.factors(use.saved, g, roles, self.mode, observed.outputs.shape[1]))
                     parts[i].append(factors)
             del cotangents
-        merged, conflicts = merge_uses([stack_outputs(p) for p in parts if p])
-        return merged, conflicts, peak
+        return merge_uses([stack_outputs(p) for p in parts if p])
+
+    def with_fallback(self, factors: Factors, x: Batch) -> Factors:
+        """The structured groups' factors plus the fallback parameters' per-sample Jacobians on x."""
+        factors = {group: f for group, f in factors.items() if group in self.groups}
+        if self.fallback:
+            jacobians = per_sample_jacobians(self.f.restrict(self.fallback), x, self.vmap_chunk)
+            factors.update({(name,): JacobianFactor(flat_jacobian(j)) for name, j in jacobians.items()})
+        return factors
 
     def left(self, x: Batch) -> Factors:
+        if self.kept is not None and same_batch(self.kept[0], x):
+            factors, self.kept = self.kept[1], None
+            return factors
         if self.calibration is None:
             self.calibrate(x)
         observed = capture(self.f, x)
         n, o = observed.outputs.shape
-        factors, conflicts, _ = self.factors_of(observed, self.calibration.output_chunk(n, o))
-        factors = {group: f for group, f in factors.items() if group in self.groups}
+        chunk = self.calibration.output_chunk(n, o)
+        try:
+            factors, conflicts = self.factors_of(observed, chunk, retain_graph=self.calibration.batched_backward is None)
+        except RuntimeError:
+            if chunk == 1 or self.calibration.batched_backward is not None:
+                raise
+            # first vmapped backward of this model, and it cannot be: one output at a time from now on
+            self.calibration = dataclasses.replace(self.calibration, batched_backward=False)
+            factors, conflicts = self.factors_of(observed, 1)
         if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
             raise ModelError(
                 "the model uses its parameters differently from one block of inputs to another (data-dependent "
                 "control flow), so the structured method cannot pair its factors; use method='jacobian'"
             )
-        if self.fallback:
-            jacobians = per_sample_jacobians(self.f.restrict(self.fallback), x, self.vmap_chunk)
-            factors.update({(name,): JacobianFactor(flat_jacobian(j)) for name, j in jacobians.items()})
-        return factors
+        return self.with_fallback(factors, x)
 
     def contract(self, left: Factors, right: Factors) -> torch.Tensor:
         total = None
@@ -194,9 +232,22 @@ class StructuredMethod(KernelMethod):
         return total
 
     def bytes_per_sample(self) -> int:
-        if self.calibration is None:
-            return jacobian_bytes(self.f, self.num_outputs)  # at most: every parameter in the fallback
-        return self.calibration.bytes_per_sample
+        if self.calibration is not None:
+            return self.calibration.bytes_per_sample
+        if self.size_bound is not None:
+            return self.size_bound
+        return jacobian_bytes(self.f, self.num_outputs)  # at most: every parameter in the fallback
+
+
+def direction_bytes(observed: Capture) -> int:
+    """Bytes of one sample's cotangents for one output: one per covered use's output."""
+    n = observed.outputs.shape[0]
+    return sum(use.output.numel() * use.output.element_size() for use in observed.uses) // max(1, n)
+
+
+def output_chunk(n: int, num_outputs: int, per_direction: int) -> int:
+    """Outputs whose cotangents one backward pass computes for n samples: as many as fit CHUNK_BYTES."""
+    return max(1, min(num_outputs, CHUNK_BYTES // max(1, n * per_direction)))
 
 
 def shared_parameters(uses: list[Use]) -> set[str]:
