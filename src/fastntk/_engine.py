@@ -42,18 +42,26 @@ def calibrate_on_first_block(method: KernelMethod, x1: Batch, x2: Batch | None, 
     """Calibrate ``method`` on the block of x1 the engine computes first, and return the block size.
 
     The method may keep that block's factors (the structured method does), so calibrating
-    costs little beyond them. A first block of one sample is too few to calibrate on (the
-    structured check compares samples): then the first two samples are used, x2 topping up.
+    costs little beyond them. Without a given ``block``, blocks are sized from the method's
+    bytes per sample before calibrating (for the structured method a bound from one forward
+    pass), and again after it: should calibration find more (a group sent to the Jacobian
+    fallback), the smaller block wins and the kept factors are dropped. A first block of one
+    sample is too few to calibrate on (the structured check compares samples): then the
+    first two samples are used, x2 topping up.
     """
-    n1 = batch_size(x1)
+    n1, symmetric = batch_size(x1), x2 is None
+    given = block is not None
     if block is None:
         method.estimate_size(first_samples(x1, x2, 1))
-        block = default_block(method, budget, n1, x2 is None)
+        block = default_block(method, budget, n1, symmetric)
     first = min(block, n1)
-    if first >= 2:
-        method.calibrate(take(x1, 0, first), keep=True)
-    else:
+    if first < 2:
         method.calibrate(first_samples(x1, x2, 2))
+        return block
+    method.calibrate(take(x1, 0, first), keep=True)
+    if not given and default_block(method, budget, n1, symmetric) < block:
+        method.kept = None
+        return default_block(method, budget, n1, symmetric)
     return block
 
 

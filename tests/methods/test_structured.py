@@ -10,6 +10,9 @@ from cases import CASES_BY_NAME, STRUCTURED_CASES
 from conftest import DTYPES, assert_kernel_close, reduce_full, reference_full
 from fastntk._functional import FunctionalModel
 from fastntk.methods import StructuredMethod
+from fastntk._engine import calibrate_on_first_block
+from fastntk.methods.jacobian import jacobian_bytes
+from fastntk.methods.structured.capture import capture
 from fastntk.methods.structured.rules import conv
 
 
@@ -75,3 +78,97 @@ def test_sequence_linear_uses_both_forms() -> None:
         method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), "full", 2)
         factors = method.left(c.draw(2, torch.float64))
         assert isinstance(factors[("fc.weight", "fc.bias")], kind)
+
+
+@pytest.mark.parametrize("case", [c.name for c in STRUCTURED_CASES] + ["mlp", "tutorial_cnn", "transformer", "token_dict", "tied"])
+def test_size_bound_covers_the_factors(case: str) -> None:
+    """Blocks are sized from one forward pass before calibrating: that bound must not be too small."""
+    c = CASES_BY_NAME[case]
+    f = FunctionalModel.build(c.build(torch.float32))
+    with torch.no_grad():
+        outputs = f(f.primals, c.draw(1, torch.float32)).shape[1]
+    method = StructuredMethod(f, "full", outputs)
+    method.estimate_size(c.draw(1, torch.float32))
+    bound = method.bytes_per_sample()
+    x = c.draw(4, torch.float32)
+    method.calibrate(x)
+    rejected = sorted(set(method.fallback) - capture(f, x).unstructured)  # by the gradient check: not foreseeable
+    assert method.bytes_per_sample() <= bound + jacobian_bytes(f, outputs, rejected)
+
+
+def test_blocks_shrink_when_calibration_finds_more_bytes() -> None:
+    """shuffled_batch's Linear fails the check, so its Jacobians exceed the bound: the engine
+    re-sizes the blocks (and drops the kept factors) instead of overrunning the budget."""
+    c = CASES_BY_NAME["shuffled_batch"]
+    model = c.build(torch.float64)
+    x1, x2 = c.draw(6, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
+    probe = StructuredMethod(FunctionalModel.build(model), "full", 2)
+    probe.estimate_size(x1[:1])
+    budget = 2 * 4 * probe.bytes_per_sample()  # blocks of 4 by the bound
+    method = StructuredMethod(FunctionalModel.build(model), "full", 2)
+    block = calibrate_on_first_block(method, x1, x2, None, budget)
+    assert block < 4 and method.kept is None
+    kernel = fastntk.ntk(model, x1, x2, mode="full", method="structured", memory_budget=budget)
+    assert_kernel_close(kernel, fastntk.reference_ntk(model, x1, x2, mode="full"), torch.float64)
+
+
+def test_first_block_is_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The calibration block's factors serve the engine's first block: x1 is captured once."""
+    from fastntk.methods.structured import method as structured
+
+    sizes: list[int] = []
+    original = structured.capture
+
+    def counting(f, x):  # noqa: ANN001, ANN202
+        sizes.append(x.shape[0])
+        return original(f, x)
+
+    monkeypatch.setattr(structured, "capture", counting)
+    c = CASES_BY_NAME["mlp"]
+    model = c.build(torch.float64)
+    x1, x2 = c.draw(4, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
+    kernel = fastntk.ntk(model, x1, x2, mode="full", method="structured")
+    assert sorted(sizes) == [1, 3, 4]  # the size bound, x2's block, x1's block (calibrated and kept)
+    assert_kernel_close(kernel, reference_full("mlp", torch.float64, False), torch.float64)
+
+
+class NotVmappable(torch.autograd.Function):
+    """An op whose backward reads a value (``.item()``), so it cannot run vmapped over outputs."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad * float(torch.tensor(2.0).item()) + 0 * grad.sum().item()
+
+
+def test_backward_that_cannot_be_vmapped_falls_back_to_one_output_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrated one output at a time (untried), then a smaller block tries the vmapped
+    backward, fails, and goes on one output at a time for good."""
+    from fastntk.methods.structured import method as structured
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(NotVmappable.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Model().double()
+    x1, x2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    method = StructuredMethod(FunctionalModel.build(model), "full", 2)
+    monkeypatch.setattr(structured, "CHUNK_BYTES", 1)  # the calibration block: one output at a time
+    method.calibrate(x1)
+    assert method.calibration.batched_backward is None
+    monkeypatch.setattr(structured, "CHUNK_BYTES", 2**20)
+    kernel = method.contract(method.left(x1), method.left(x2))
+    assert method.calibration.batched_backward is False
+    assert_kernel_close(kernel.double(), fastntk.reference_ntk(model, x1, x2, mode="full"), torch.float64)

@@ -77,7 +77,7 @@ class StructuredMethod(KernelMethod):
     size_bound: int | None = None
     """Bytes per sample at most, from :meth:`estimate_size` (used to size blocks before calibrating)."""
     kept: tuple[Batch, Factors] | None = None
-    """The calibration block and its factors, handed to the first ``left`` call on that block."""
+    """The calibration block and its structured factors, for the first ``left`` call on that block."""
 
     @property
     def fallback(self) -> list[str]:
@@ -168,7 +168,7 @@ class StructuredMethod(KernelMethod):
             batched,
             per_direction,
         )
-        self.kept = (x, self.with_fallback(structured, x)) if keep else None
+        self.kept = (x, structured) if keep else None
 
     def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False) -> tuple[Factors, set[str]]:
         """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time, and
@@ -198,7 +198,7 @@ class StructuredMethod(KernelMethod):
     def left(self, x: Batch) -> Factors:
         if self.kept is not None and same_batch(self.kept[0], x):
             factors, self.kept = self.kept[1], None
-            return factors
+            return self.with_fallback(factors, x)
         if self.calibration is None:
             self.calibrate(x)
         observed = capture(self.f, x)
