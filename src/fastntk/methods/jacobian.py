@@ -37,14 +37,52 @@ def jacobian_pair_flops(mode: Mode, num_outputs: int, params: int) -> float:
     return 2.0 * (num_outputs**2 if mode == "full" else num_outputs) * params
 
 
+def is_output_major(t: torch.Tensor) -> bool:
+    """Whether t (N, O, ...) is stored output by output, as a contiguous (O, N, ...) tensor (the
+    layout of a backward pass vmapped over outputs), rather than sample by sample."""
+    return not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
+
+
+def output_rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """t (N, O, p) as an (N·O, p) matrix, its rows in storage order (no copy when t is stored
+    either way), and whether that order is output-major."""
+    if is_output_major(t):
+        return t.transpose(0, 1).reshape(-1, t.shape[-1]), True
+    return t.reshape(-1, t.shape[-1]), False
+
+
+def summed_over_outputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_o a[:, o] b[:, o]ᵀ for a (N1, O, p) and b (N2, O, p): (N1, N2), read in place.
+
+    Sample-major inputs make one GEMM over (O·p); output-major ones one GEMM per output,
+    unless those would be small (then copying to sample-major and one GEMM is faster).
+    """
+    n1, o, p = a.shape
+    n2 = b.shape[0]
+    if (is_output_major(a) or is_output_major(b)) and 2 * n1 * n2 * p >= 2**20:
+        total = a[:, 0] @ b[:, 0].T
+        for i in range(1, o):
+            total += a[:, i] @ b[:, i].T
+        return total
+    return a.reshape(n1, o * p) @ b.reshape(n2, o * p).T
+
+
 def contract_jacobian_pair(a: torch.Tensor, b: torch.Tensor, mode: Mode) -> torch.Tensor:
-    """One parameter's share of the kernel from Jacobians a (N1, O, p) and b (N2, O, p)."""
+    """One parameter's share of the kernel from Jacobians a (N1, O, p) and b (N2, O, p), stored
+    sample- or output-major (the result may be a permuted view)."""
     n1, o, p = a.shape
     n2 = b.shape[0]
     if mode == "full":
-        return (a.reshape(n1 * o, p) @ b.reshape(n2 * o, p).T).reshape(n1, o, n2, o).permute(0, 2, 1, 3)
+        rows1, major1 = output_rows(a)
+        rows2, major2 = output_rows(b)
+        product = rows1 @ rows2.T
+        # to (N1, N2, O, O) from the storage orders of the two sides
+        shape = [o, n1] if major1 else [n1, o]
+        shape += [o, n2] if major2 else [n2, o]
+        order = [1 if major1 else 0, 3 if major2 else 2, 0 if major1 else 1, 2 if major2 else 3]
+        return product.reshape(shape).permute(order)
     if mode == "trace":
-        return a.reshape(n1, o * p) @ b.reshape(n2, o * p).T
+        return summed_over_outputs(a, b)
     return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).permute(1, 2, 0)
 
 

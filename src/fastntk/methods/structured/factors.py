@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from ..._modes import Mode
-from ..jacobian import contract_jacobian_pair, jacobian_pair_flops
+from ..jacobian import contract_jacobian_pair, is_output_major, jacobian_pair_flops, summed_over_outputs
 
 def dot_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
     """X[n, m, s, t] = ⟨k1[n, s], k2[m, t]⟩ for keys (N, S, d)."""
@@ -47,9 +47,7 @@ class JacobianFactor:
     @staticmethod
     def stack_outputs(parts: list["JacobianFactor"]) -> "JacobianFactor":
         """The factor of all outputs from factors of consecutive output slices."""
-        if len(parts) == 1:
-            return parts[0]
-        return JacobianFactor(torch.cat([p.jacobian for p in parts], dim=1))
+        return JacobianFactor(stack_along_outputs([p.jacobian for p in parts]))
 
     def pair_flops(self, mode: Mode) -> float:
         """FLOPs of contracting one pair of samples."""
@@ -70,20 +68,13 @@ def output_major(g: torch.Tensor) -> torch.Tensor:
     return g.transpose(0, 1).contiguous().transpose(0, 1)
 
 
-def summed_over_outputs(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """Σ_a g1[a] g2[a]ᵀ for output-major rows g1 (O, R1, e) and g2 (O, R2, e): (R1, R2).
-
-    One GEMM per output reads them in place; when those GEMMs would be small, one GEMM over
-    (O·e) on sample-major copies is faster.
-    """
-    o, r1, e = g1.shape
-    r2 = g2.shape[1]
-    if 2 * r1 * r2 * e < 2**20:
-        return g1.transpose(0, 1).reshape(r1, o * e) @ g2.transpose(0, 1).reshape(r2, o * e).T
-    total = g1[0] @ g2[0].T
-    for a in range(1, o):
-        total += g1[a] @ g2[a].T
-    return total
+def stack_along_outputs(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (N, O_i, ...) parts along the outputs, output-major if they all are."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(is_output_major(p) for p in parts):
+        return torch.cat([p.transpose(0, 1) for p in parts]).transpose(0, 1)
+    return torch.cat(parts, dim=1)
 
 
 @dataclass
@@ -116,10 +107,8 @@ class PairFactor:
     def stack_outputs(parts: list["PairFactor"]) -> "PairFactor":
         """The factor of all outputs from factors of consecutive output slices (same keys)."""
         first = parts[0]
-        if len(parts) == 1:
-            return first
-        cotangents = torch.cat([p.cotangents.transpose(0, 1) for p in parts]).transpose(0, 1)
-        return PairFactor(first.keys, cotangents, first.kind, first.plus_one)
+        cotangents = stack_along_outputs([p.cotangents for p in parts])
+        return first if cotangents is first.cotangents else PairFactor(first.keys, cotangents, first.kind, first.plus_one)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.cotangents))
@@ -151,26 +140,21 @@ class PairFactor:
     def contract(self, other: "PairFactor", mode: Mode) -> torch.Tensor:
         n1, o, s1, e = self.cotangents.shape
         n2, _, s2, _ = other.cotangents.shape
-        # output-major rows: (O, N·S, e), views of the stored cotangents
-        g1 = self.cotangents.transpose(0, 1).reshape(o, n1 * s1, e)
-        g2 = other.cotangents.transpose(0, 1).reshape(o, n2 * s2, e)
         x = self.key_gram(other)  # (N1, N2, S1, S2)
         if s1 == 1 and s2 == 1:
             x = x.reshape(n1, n2)
-            if mode == "full":
-                cot = (g1.reshape(o * n1, e) @ g2.reshape(o * n2, e).T).reshape(o, n1, o, n2)
-                return cot.mul_(x[None, :, None, :]).permute(1, 3, 0, 2)
-            if mode == "trace":
-                return summed_over_outputs(g1, g2).mul_(x)
-            return torch.bmm(g1, g2.transpose(1, 2)).mul_(x).permute(1, 2, 0)
+            product = contract_jacobian_pair(self.cotangents.reshape(n1, o, e), other.cotangents.reshape(n2, o, e), mode)
+            return product.mul_(x if mode == "trace" else x[:, :, None, None] if mode == "full" else x[:, :, None])
+        # rows (N·S, O, e), views of the output-major cotangents
+        g1 = self.cotangents.transpose(1, 2).reshape(n1 * s1, o, e)
+        g2 = other.cotangents.transpose(1, 2).reshape(n2 * s2, o, e)
         if mode == "full":
-            cot = (g1.reshape(o * n1 * s1, e) @ g2.reshape(o * n2 * s2, e).T).reshape(o, n1, s1, o, n2, s2)
-            return torch.einsum("ansbmt,nmst->nmab", cot, x)
+            cot = contract_jacobian_pair(g1, g2, "full").reshape(n1, s1, n2, s2, o, o)
+            return torch.einsum("nsmtab,nmst->nmab", cot, x)
         if mode == "trace":
-            cot = summed_over_outputs(g1, g2).reshape(n1, s1, n2, s2)
-            return torch.einsum("nsmt,nmst->nm", cot, x)
-        cot = torch.bmm(g1, g2.transpose(1, 2)).reshape(o, n1, s1, n2, s2)
-        return torch.einsum("ansmt,nmst->nma", cot, x)
+            return torch.einsum("nsmt,nmst->nm", summed_over_outputs(g1, g2).reshape(n1, s1, n2, s2), x)
+        cot = contract_jacobian_pair(g1, g2, "diagonal").reshape(n1, s1, n2, s2, o)
+        return torch.einsum("nsmta,nmst->nma", cot, x)
 
 
 Factor = JacobianFactor | PairFactor

@@ -1,11 +1,10 @@
 """conv1d/2d/3d (stride, padding, dilation, groups): per-sample weight Jacobians Σ_s g_s ⊗ x_s.
 
 The weight Jacobian of every (sample, output) pair is what a weight-gradient kernel
-computes. One call of the convolution's own weight backward computes all of them: the
-samples become groups (so their gradients are not summed) and the O cotangents of a sample
-become extra output channels of its group. When each output channel sees only a few
-inputs (C_in/groups · kernel size <= SMALL_PATCH, e.g. a first layer on RGB images or a
-depthwise convolution), 1d/2d convolutions use the input's patches (im2col) and batched
+computes. One call of the convolution's own weight backward per output computes them for
+all samples: the samples become groups, so their gradients are not summed. When each
+output channel sees only a few inputs (C_in/groups · kernel size <= SMALL_PATCH, e.g. a
+first layer on RGB images or a depthwise convolution), 1d/2d convolutions use the input's patches (im2col) and batched
 GEMMs instead: oneDNN's grouped weight-gradient kernel for so few channels per group is
 slow, and its first call in a process costs ~30 ms of set-up.
 """
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 from ...._modes import Mode
 from ..factors import Factor, JacobianFactor
-from .base import Roles, Rule, Saved, position_sum
+from .base import Roles, Rule, Saved
 
 
 def as_tuple(value: int | tuple[int, ...] | list[int], dims: int) -> list[int]:
@@ -91,19 +90,24 @@ def patch_weight_jacobian(patches: torch.Tensor, g: torch.Tensor) -> torch.Tenso
 
 
 def grouped_weight_jacobian(saved: Saved, g: torch.Tensor) -> torch.Tensor:
-    """The Jacobians from one call of the convolution's weight backward, a group per (sample, group)."""
+    """The Jacobians by the convolution's weight backward, one call per output with a group per
+    (sample, group): each output's cotangents are read in place (output-major, as computed)
+    and the result is output-major too."""
     x, weight_shape, groups = saved["input"], saved["weight_shape"], saved["groups"]
     n, o, c_out = g.shape[:3]
     dims = x.dim() - 2
-    per_group = c_out // groups
-    # output channels ordered (sample, group, output, channel-in-group); one group per (sample, group)
-    grad = g.reshape(n, o, groups, per_group, *g.shape[3:]).transpose(1, 2).reshape(1, n * groups * o * per_group, *g.shape[3:])
-    weight = x.new_zeros(()).expand(n * groups * o * per_group, *weight_shape[1:])  # only its shape is read
-    _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, x.reshape(1, -1, *x.shape[2:]), weight, None, saved["stride"], saved["padding"], saved["dilation"],
-        False, [0] * dims, n * groups, [False, True, False],
-    )
-    return grad_weight.reshape(n, groups, o, per_group, -1).transpose(1, 2).reshape(n, o, -1)
+    inputs = x.reshape(1, -1, *x.shape[2:])
+    weight = x.new_zeros(()).expand(n * c_out, *weight_shape[1:])  # only its shape is read
+    jacobian = torch.empty(o, n, weight_shape.numel(), dtype=g.dtype, device=g.device)
+    for a in range(o):
+        # channels ordered (sample, group, channel-in-group): one group per (sample, group)
+        grad = g[:, a].reshape(1, n * c_out, *g.shape[3:])
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, inputs, weight, None, saved["stride"], saved["padding"], saved["dilation"],
+            False, [0] * dims, n * groups, [False, True, False],
+        )
+        jacobian[a] = grad_weight.reshape(n, -1)
+    return jacobian.transpose(0, 1)
 
 
 class ConvRule(Rule):
@@ -120,5 +124,5 @@ class ConvRule(Rule):
         if "weight" in roles:
             factors[(roles["weight"],)] = JacobianFactor(conv_weight_jacobian(saved, cotangents))
         if "bias" in roles:
-            factors[(roles["bias"],)] = JacobianFactor(position_sum(cotangents.movedim(2, -1), 1))
+            factors[(roles["bias"],)] = JacobianFactor(cotangents.flatten(3).sum(3))  # Σ over positions
         return factors
