@@ -19,7 +19,8 @@ def float32_tolerance(k: int) -> float:
 
 @pytest.fixture
 def routed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """Shapes of the products that went to oneDNN."""
+    """Shapes of the products that went to oneDNN (every size: MIN_FLOPS lowered to 1)."""
+    monkeypatch.setattr(_gemm, "MIN_FLOPS", 1)
     calls: list[tuple[int, ...]] = []
     original = _gemm._linear
 
@@ -76,6 +77,16 @@ def test_batched_backward_under_vmap(routed: list) -> None:
     torch.testing.assert_close(grads, w[:, None, :].expand(5, 8, 20))
     torch.testing.assert_close(doubled, (x @ w.T).expand(3, 8, 5))
     assert routed
+
+
+def test_small_products_stay_with_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(_gemm, "_linear", lambda a, b_t, bias: calls.append(1) or a @ b_t.T)
+    small, big = operands((8, 8), (8, 8)), operands((256, 256), (256, 256))
+    with fast_matmuls():
+        small[0] @ small[1]
+        big[0] @ big[1]
+    assert calls == ([1] if onednn_available() else [])
 
 
 def test_other_products_are_left_alone(routed: list) -> None:

@@ -44,8 +44,17 @@ def onednn_available() -> bool:
         return False
 
 
-def _eligible(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 and t.numel() > 0 for t in tensors)
+MIN_FLOPS = 2**24
+"""Smaller products stay with MKL: oneDNN sets up (JIT-compiles) a kernel for every new shape,
+which costs more than it saves on products this small."""
+
+
+def _eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a @ b goes to oneDNN: 2-D float32 CPU operands, big enough."""
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 for t in (a, b))
+        and 2 * a.shape[0] * a.shape[1] * b.shape[1] >= MIN_FLOPS
+    )
 
 
 class _OneDNNMatmuls(TorchDispatchMode):
