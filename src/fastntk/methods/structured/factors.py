@@ -40,9 +40,9 @@ class JacobianFactor:
     def contract(self, other: "JacobianFactor", mode: Mode) -> torch.Tensor:
         return contract_jacobian_pair(self.jacobian, other.jacobian, mode)
 
-    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> torch.Tensor:
-        """Σ_{n,a} weights[n, a] J[n, a]: the gradient these factors imply, flattened."""
-        return torch.einsum("na,nap->p", weights, self.jacobian)
+    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+        """Σ_{n,a} weights[n, a] J[n, a]: the gradient these factors imply, per parameter flattened."""
+        return list(torch.einsum("na,nap->p", weights, self.jacobian).split([shape.numel() for shape in shapes]))
 
     @staticmethod
     def stack_outputs(parts: list["JacobianFactor"]) -> "JacobianFactor":
@@ -124,8 +124,8 @@ class PairFactor:
         x = gram(self.keys, other.keys).to(self.cotangents.dtype)
         return x + 1 if self.plus_one else x
 
-    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> torch.Tensor:
-        """The gradient of Σ weights[n, a] f_a(x_n) these factors imply: W's (and b's) flattened."""
+    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+        """The gradient of Σ weights[n, a] f_a(x_n) these factors imply: W's (and b's), flattened."""
         g = torch.einsum("na,nase->nse", weights, self.cotangents)
         e = g.shape[-1]
         if self.kind == "index":
@@ -135,7 +135,7 @@ class PairFactor:
             parts = [torch.einsum("nse,nsd->ed", g, self.keys).reshape(-1)]
         if self.plus_one:
             parts.append(g.sum((0, 1)))
-        return torch.cat(parts)
+        return parts
 
     def contract(self, other: "PairFactor", mode: Mode) -> torch.Tensor:
         n1, o, s1, e = self.cotangents.shape
