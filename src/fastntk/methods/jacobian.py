@@ -51,6 +51,10 @@ def output_rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.reshape(-1, t.shape[-1]), False
 
 
+PER_OUTPUT_GEMM_FLOPS = 2**20
+"""Below this, one GEMM per output costs more in calls than copying to one big GEMM."""
+
+
 def summed_over_outputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_o a[:, o] b[:, o]ᵀ for a (N1, O, p) and b (N2, O, p): (N1, N2), read in place.
 
@@ -59,7 +63,7 @@ def summed_over_outputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     n1, o, p = a.shape
     n2 = b.shape[0]
-    if (is_output_major(a) or is_output_major(b)) and 2 * n1 * n2 * p >= 2**20:
+    if (is_output_major(a) or is_output_major(b)) and 2 * n1 * n2 * p >= PER_OUTPUT_GEMM_FLOPS:
         total = a[:, 0] @ b[:, 0].T
         for i in range(1, o):
             total += a[:, i] @ b[:, i].T

@@ -101,12 +101,13 @@ class StructuredMethod(KernelMethod):
         observed = capture(self.f, x)
         n, o = observed.outputs.shape
         itemsize = self.f.dtype.itemsize
-        kept = 0
+        total = 0  # for all n samples
         for use in observed.uses:
             saved = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(use.saved) if isinstance(t, torch.Tensor))
             params = sum(self.f.primals[name].numel() for name in use.roles.values())
-            kept += saved + o * (use.output.numel() + n * params) * itemsize
-        self.size_bound = kept // n + direction_bytes(observed) + jacobian_bytes(self.f, o, sorted(observed.unstructured & set(self.f.primals)))
+            total += saved + o * (use.output.numel() + n * params) * itemsize
+        fallback = sorted(observed.unstructured & set(self.f.primals))
+        self.size_bound = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
 
     def calibrate(self, x: Batch, keep: bool = False) -> None:
         """Fix which parameter groups are structured, checking each against autograd on x.
@@ -156,13 +157,13 @@ class StructuredMethod(KernelMethod):
             if fallback & set(group):
                 fallback.update(group)
         structured = {group: f for group, f in factors.items() if not fallback & set(group)}
-        kept = sorted(fallback & set(names))
+        fallback_names = sorted(fallback & set(names))
         # kept: the factors; transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
         bytes_ = sum(f.nbytes() for f in structured.values()) // n + per_direction
-        bytes_ += jacobian_bytes(self.f, o, kept)
+        bytes_ += jacobian_bytes(self.f, o, fallback_names)
         self.calibration = Layout(
             frozenset(structured),
-            tuple(kept),
+            tuple(fallback_names),
             bytes_,
             {group: f.pair_flops(self.mode) for group, f in structured.items()},
             {group: "pair" if isinstance(f, PairFactor) else "jacobian" for group, f in structured.items()},
