@@ -58,7 +58,6 @@ def worker(args: argparse.Namespace) -> None:
     """One Gram computation in this process (one rank under torchrun); prints a JSON line per rank."""
     import logging
 
-    import numpy as np
     import torch
 
     import fastntk

@@ -51,6 +51,30 @@ def test_mm_is_routed_and_equal(routed: list, transposed: bool) -> None:
     assert (product.double() - expected).abs().max() <= float32_tolerance(300) * expected.abs().max()
 
 
+STRIDED = {
+    "expanded": lambda t: t[:1].expand_as(t),  # stride 0, as autograd's broadcast gradients are
+    "every other row": lambda t: torch.cat([t, t]).reshape(2 * t.shape[0], -1)[::2],
+    "every other column": lambda t: torch.cat([t, t], dim=1)[:, ::2],
+    "transposed": lambda t: t.T.contiguous().T,
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("layout", list(STRIDED))
+def test_any_strides(routed: list, layout: str, side: str) -> None:
+    a, b = operands((40, 30), (30, 20))
+    if side == "left":
+        a = STRIDED[layout](a)
+    else:
+        b = STRIDED[layout](b)
+    expected = a.double() @ b.double()
+    with fast_matmuls():
+        product = a @ b
+    assert routed
+    assert (product.double() - expected).abs().max() <= float32_tolerance(30) * expected.abs().max()
+
+
 @needs_onednn
 def test_linear_with_bias_and_its_backward(routed: list) -> None:
     x, w, b = operands((16, 50), (30, 50), (30,))

@@ -14,7 +14,7 @@ from ._checks import check_per_sample, check_training_mode
 from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
 from ._gemm import fast_matmuls
 from ._errors import NonFiniteError, OptionError
-from ._functional import FunctionalModel, ParamSelection, select_parameters
+from ._functional import FunctionalModel, ParamSelection
 from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
 from ._modes import MODES, Mode, check_mode
 from .methods import METHODS, KernelMethod

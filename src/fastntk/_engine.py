@@ -103,6 +103,8 @@ def compute_kernel(
     out = torch.empty(block_shape(method.mode, n1, n2, method.num_outputs), device=f.device, dtype=f.dtype)
     if method.calibration is None:
         block = calibrate_on_first_block(method, x1, x2, block, budget)
+    elif block is None and method.kept is not None:  # calibrated by the plan on its first block
+        block = batch_size(method.kept[0])
     block = block or default_block(method, budget, n1, symmetric)
     pairs = list(block_pairs(n1, n2, block, symmetric))
     shared = symmetric and method.symmetric_factors  # a block's left factors serve as its right ones

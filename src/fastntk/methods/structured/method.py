@@ -13,10 +13,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from ..._checks import tolerance
 from ..._errors import ModelError
@@ -74,8 +72,8 @@ class StructuredMethod(KernelMethod):
 
     name = "structured"
     calibration: Layout | None = None
-    size_bound: int | None = None
-    """Bytes per sample at most, from :meth:`estimate_size` (used to size blocks before calibrating)."""
+    size_estimate: int | None = None
+    """Bytes per sample from :meth:`estimate_size` (used to size blocks before calibrating)."""
     kept: tuple[Batch, Factors] | None = None
     """The calibration block and its structured factors, for the first ``left`` call on that block."""
 
@@ -92,22 +90,30 @@ class StructuredMethod(KernelMethod):
         return self.calibration.groups
 
     def estimate_size(self, x: Batch) -> None:
-        """Bound the bytes per sample from one forward pass on a few samples (no backward).
+        """Estimate the bytes per sample from one forward pass on a few samples (no backward).
 
-        Per covered use: its saved inputs plus O times its output and its parameters (a
-        factor keeps either the cotangents of the output or a Jacobian of the parameters);
-        one output's cotangents besides; the fallback's Jacobian rows.
+        Each covered use's rule sizes its factors from shapes (``Rule.factor_bytes``); one
+        output's cotangents come on top, and the Jacobian rows of the parameters no rule
+        covers. Calibration can still send groups to the fallback (conflicting uses of a
+        shared parameter, a failed gradient check); the engine then re-sizes its blocks.
         """
         observed = capture(self.f, x)
         n, o = observed.outputs.shape
-        itemsize = self.f.dtype.itemsize
-        total = 0  # for all n samples
-        for use in observed.uses:
-            saved = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(use.saved) if isinstance(t, torch.Tensor))
-            params = sum(self.f.primals[name].numel() for name in use.roles.values())
-            total += saved + o * (use.output.numel() + n * params) * itemsize
+        sizes = {name: p.numel() for name, p in self.f.primals.items()}
+        total = sum(  # for all n samples
+            use.rule.factor_bytes(use.saved, use.output, part, sizes, self.mode, o)
+            for use, roles in zip(observed.uses, roles_by_use(observed.uses))
+            for part in roles
+        )
         fallback = sorted(observed.unstructured & set(self.f.primals))
-        self.size_bound = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
+        self.size_estimate = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
+
+    def use_factors(self, use: Use, cotangents: torch.Tensor, roles: list[Roles], num_outputs: int) -> Factors:
+        """One use's factors from its cotangents (N, K, *output shape[1:])."""
+        factors: Factors = {}
+        for part in roles:
+            factors.update(use.rule.factors(use.saved, cotangents, part, self.mode, num_outputs))
+        return factors
 
     def calibrate(self, x: Batch, keep: bool = False) -> None:
         """Fix which parameter groups are structured, checking each against autograd on x.
@@ -152,11 +158,7 @@ class StructuredMethod(KernelMethod):
                 (c - e).abs_().max().item() > tol for c, e in zip(claimed, expected) if c.numel()
             ):
                 rejected.update(group)
-        fallback = observed.unstructured | conflicts | rejected
-        for group in factors:  # a group is structured whole or not at all
-            if fallback & set(group):
-                fallback.update(group)
-        structured = {group: f for group, f in factors.items() if not fallback & set(group)}
+        structured, fallback = split_fallback(factors, observed.unstructured | conflicts | rejected)
         fallback_names = sorted(fallback & set(names))
         # kept: the factors; transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
         bytes_ = sum(f.nbytes() for f in structured.values()) // n + per_direction
@@ -177,16 +179,12 @@ class StructuredMethod(KernelMethod):
         """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time, and
         the parameters whose uses cannot be combined exactly."""
         uses = observed.uses
-        shared = shared_parameters(uses)
-        roles_of = [split(use.roles) if shared & set(use.roles.values()) else [use.roles] for use in uses]
+        roles_of = roles_by_use(uses)
         parts: list[list[Factors]] = [[] for _ in uses]
         for cotangents in per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph):
             for i, (use, g) in enumerate(zip(uses, cotangents)):
                 if g is not None:  # None: this layer does not affect the outputs
-                    factors: Factors = {}
-                    for roles in roles_of[i]:
-                        factors.update(use.rule.factors(use.saved, g, roles, self.mode, observed.outputs.shape[1]))
-                    parts[i].append(factors)
+                    parts[i].append(self.use_factors(use, g, roles_of[i], observed.outputs.shape[1]))
             del cotangents
         return merge_uses([stack_outputs(p) for p in parts if p])
 
@@ -237,8 +235,8 @@ class StructuredMethod(KernelMethod):
     def bytes_per_sample(self) -> int:
         if self.calibration is not None:
             return self.calibration.bytes_per_sample
-        if self.size_bound is not None:
-            return self.size_bound
+        if self.size_estimate is not None:
+            return self.size_estimate
         return jacobian_bytes(self.f, self.num_outputs)  # at most: every parameter in the fallback
 
 
@@ -264,9 +262,20 @@ def shared_parameters(uses: list[Use]) -> set[str]:
     return {name for name, groups in groups_of.items() if len(groups) > 1}
 
 
-def split(roles: Roles) -> list[Roles]:
-    """One role at a time."""
-    return [{role: name} for role, name in roles.items()]
+def roles_by_use(uses: list[Use]) -> list[list[Roles]]:
+    """Each use's roles, one at a time for uses of shared parameters (see shared_parameters)."""
+    shared = shared_parameters(uses)
+    return [[{role: name} for role, name in use.roles.items()] if shared & set(use.roles.values()) else [use.roles] for use in uses]
+
+
+def split_fallback(factors: Factors, fallback: set[str]) -> tuple[Factors, set[str]]:
+    """The groups free of fallback parameters, and the fallback grown by the other groups'
+    parameters: a group is structured whole or not at all."""
+    fallback = set(fallback)
+    for group in factors:
+        if fallback & set(group):
+            fallback.update(group)
+    return {group: f for group, f in factors.items() if not fallback & set(group)}, fallback
 
 
 def stack_outputs(parts: list[Factors]) -> Factors:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,10 @@ class EmbeddingRule(Rule):
         if padding is not None and padding < 0:
             padding += call["weight"].shape[0]
         return {"indices": indices.reshape(indices.shape[0], -1), "padding": padding}
+
+    def factor_bytes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> int:
+        indices = saved["indices"]  # and the cotangents at every position
+        return indices.numel() * indices.element_size() + num_outputs * output.numel() * output.element_size()
 
     def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         indices, padding = saved["indices"], saved["padding"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,14 @@ class LinearRule(Rule):
     def save(self, call: dict, output: torch.Tensor) -> Saved:
         x = call["input"]
         return {"keys": x.detach().reshape(x.shape[0], -1, x.shape[-1])}
+
+    def factor_bytes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> int:
+        keys = saved["keys"]
+        n, s, d = keys.shape
+        e = output.shape[-1]
+        if "weight" in roles and pair_is_cheaper(s, d, e, num_outputs, mode):  # keys and cotangents
+            return keys.numel() * keys.element_size() + n * num_outputs * s * e * output.element_size()
+        return super().factor_bytes(saved, output, roles, sizes, mode, num_outputs)
 
     def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         keys = saved["keys"]
