@@ -18,7 +18,7 @@ import torch
 
 from ..._checks import tolerance
 from ..._errors import ModelError
-from ..._inputs import Batch, same_batch
+from ..._inputs import Batch, same_batch, take
 from ..._modes import block_shape
 from ..base import KernelMethod
 from ..jacobian import flat_jacobian, jacobian_bytes, per_sample_jacobians
@@ -37,6 +37,9 @@ def mergeable(a: Factor, b: Factor) -> bool:
         return a.kind == b.kind and a.plus_one == b.plus_one and a.keys.shape[2:] == b.keys.shape[2:]
     return False
 
+
+CHECKED_SAMPLES = 2
+"""Samples the calibration's gradient check runs on: two, so that reordered samples show."""
 
 CHUNK_BYTES = 16 * 2**20
 """Cotangents of several outputs are computed in one vmapped backward pass up to this size."""
@@ -116,24 +119,19 @@ class StructuredMethod(KernelMethod):
         return factors
 
     def calibrate(self, x: Batch, keep: bool = False) -> None:
-        """Fix which parameter groups are structured, checking each against autograd on x.
+        """Fix which parameter groups are structured, checking each against autograd.
 
-        The gradient of Σ r[n, a] f_a(x_n), for fixed random weights r, is computed by
-        autograd and from each group's factors; a group that disagrees (an op used in a
-        way its rule does not model, samples reordered inside the model, ...) goes to the
-        Jacobian fallback. Also measures the factors' bytes per sample. With ``keep``, x's
-        factors are kept for the first ``left(x)``: calibrating on the first block costs
-        only the check.
+        The factors of x are computed; then, on the first CHECKED_SAMPLES samples of x, the
+        gradient of Σ r[n, a] f_a(x_n) for fixed random weights r is computed by autograd
+        (a separate forward and backward pass on those samples alone) and from each group's
+        factors; a group that disagrees (an op used in a way its rule does not model,
+        samples reordered inside the model, ...) goes to the Jacobian fallback. Also
+        measures the factors' bytes per sample. With ``keep``, x's factors are kept for the
+        first ``left(x)``: calibrating on the first block costs only the check.
         """
         observed = capture(self.f, x)
         n, o = observed.outputs.shape
-        weights = torch.randn(n, o, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        weights = weights.to(device=self.f.device, dtype=self.f.dtype)
         names = list(observed.primals)
-        with torch.enable_grad():
-            objective = (observed.outputs * weights).sum()
-        true = torch.autograd.grad(objective, list(observed.primals.values()), retain_graph=True, allow_unused=True)
-        true_by_name = {name: torch.zeros_like(observed.primals[name]) if g is None else g for name, g in zip(names, true)}
         per_direction = direction_bytes(observed)
         chunk = output_chunk(n, o, per_direction)
         batched: bool | None = None
@@ -147,7 +145,15 @@ class StructuredMethod(KernelMethod):
                     batched = False
         if not batched:
             factors, conflicts = self.factors_of(observed, chunk=1)
-        del observed.outputs, objective  # free the graph before the check
+        del observed.outputs  # free the graph before the check
+        checked = min(n, CHECKED_SAMPLES)
+        weights = torch.zeros(n, o, dtype=self.f.dtype, device=self.f.device)
+        weights[:checked] = torch.randn(checked, o, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        primals = {name: p.detach().requires_grad_() for name, p in self.f.primals.items()}
+        with torch.enable_grad():
+            objective = (self.f(primals, take(x, 0, checked)) * weights[:checked]).sum()
+        true = torch.autograd.grad(objective, list(primals.values()), allow_unused=True)
+        true_by_name = {name: torch.zeros_like(primals[name]) if g is None else g for name, g in zip(primals, true)}
         scale = max((g.abs().max().item() for g in true_by_name.values() if g.numel()), default=0.0)
         tol = tolerance(self.f.dtype) * max(scale, torch.finfo(self.f.dtype).tiny)
         rejected: set[str] = set()
