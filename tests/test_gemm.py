@@ -126,6 +126,13 @@ def test_other_products_are_left_alone(routed: list) -> None:
     assert empty.shape == (0, 3)
 
 
+def test_disabled_block_routes_nothing(routed: list) -> None:
+    a, b = operands((5, 7), (7, 2))
+    with fast_matmuls(enabled=False):
+        a @ b
+    assert routed == []
+
+
 @needs_onednn
 def test_nested_blocks_route_once(routed: list) -> None:
     a, b = operands((5, 7), (7, 2))

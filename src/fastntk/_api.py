@@ -12,7 +12,6 @@ from torch import nn
 
 from ._checks import check_per_sample, check_training_mode
 from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
-from ._gemm import fast_matmuls
 from ._errors import NonFiniteError, OptionError
 from ._functional import FunctionalModel, ParamSelection
 from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
@@ -159,12 +158,11 @@ class NTKFunction:
 
 @contextlib.contextmanager
 def kernel_context() -> Iterator[None]:
-    """What every kernel computation runs in: float32 CPU matrix products through oneDNN
-    (``_gemm``), and torch.func's "performance drop" warnings for ops without a batching
-    rule silenced (they repeat on every call and format source lines each time; the cost
-    model and the methods already account for such ops).
+    """What every kernel computation runs in: torch.func's "performance drop" warnings for
+    ops without a batching rule silenced (they repeat on every call and format source lines
+    each time; the cost model and the methods already account for such ops).
     """
-    with warnings.catch_warnings(), fast_matmuls():
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
         yield
 

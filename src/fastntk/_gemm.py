@@ -4,10 +4,12 @@ PyTorch's CPU ``mm``/``addmm`` call MKL, whose float32 GEMM runs its AVX2 code p
 processors; oneDNN, also inside PyTorch (``torch.ops.mkldnn._linear_pointwise``, the op
 ``torch.compile`` uses for CPU linear layers), runs AVX-512 there and was measured about
 2x faster on the benchmark machine (AMD EPYC, 2 threads: 430-460 vs 200-215 GFLOP/s for
-1280x1024x1024) with the same float32 accuracy. Every method computes the kernel inside
-:func:`fast_matmuls`, which routes the float32 CPU ``mm``/``addmm`` calls of the model's
-forward and backward passes and of the contractions to oneDNN. Anything else (other
-dtypes, CUDA, an older PyTorch without the op) runs as before.
+1280x1024x1024) with the same float32 accuracy. The engines contract factors inside
+:func:`fast_matmuls`, which routes float32 CPU ``mm``/``addmm`` calls to oneDNN, and the
+structured method runs the model's forward and backward passes inside it when the
+model's forward FLOPs are mostly matrix products (a Python dispatch mode costs each op a
+few microseconds, which convolution networks with many small ops do not earn back).
+Anything else (other dtypes, CUDA, an older PyTorch without the op) runs as before.
 
 Set the environment variable ``FASTNTK_ONEDNN=0`` to keep PyTorch's own kernels.
 """
@@ -79,9 +81,10 @@ class _OneDNNMatmuls(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def fast_matmuls() -> Iterator[None]:
-    """Run float32 CPU matrix products inside this block through oneDNN (when available)."""
-    if not onednn_available() or _active():
+def fast_matmuls(enabled: bool = True) -> Iterator[None]:
+    """Run float32 CPU matrix products inside this block through oneDNN (when available and
+    ``enabled``: the dispatch costs every op of the block a few microseconds)."""
+    if not enabled or not onednn_available() or _active():
         yield
         return
     with _OneDNNMatmuls():

@@ -174,3 +174,10 @@ def test_backward_that_cannot_be_vmapped_falls_back_to_one_output_at_a_time(monk
     kernel = method.contract(method.left(x1), method.left(x2))
     assert method.calibration.batched_backward is False
     assert_kernel_close(kernel.double(), fastntk.reference_ntk(model, x1, x2, mode="full"), torch.float64)
+
+
+@pytest.mark.parametrize(("case", "heavy"), [("mlp", True), ("transformer", True), ("tutorial_cnn", False), ("conv1d", False)])
+def test_oneDNN_passes_only_for_matmul_models(case: str, heavy: bool) -> None:
+    """The forward and backward passes run under the oneDNN dispatch mode only when matrix
+    products make most of the forward FLOPs (convolution networks do not earn its per-op cost back)."""
+    assert calibrated(case).calibration.matmul_heavy is heavy

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from ..._functional import FunctionalModel, Params
 from ..._inputs import Batch, batch_size
-from .flops import op_flops
+from .flops import CONVOLUTIONS, op_flops
 from .rules import RULES, Rule
 from .rules.base import Roles, Saved
 
@@ -47,6 +47,8 @@ class Capture:
     unstructured: set[str] = field(default_factory=set)
     flops: float = 0.0
     """Forward FLOPs of the matmuls and convolutions seen, for the whole block."""
+    matmul_flops: float = 0.0
+    """The part of ``flops`` in matrix products (the rest: convolutions)."""
 
 
 def batch_first(call: dict[str, Any], output: torch.Tensor, n: int) -> bool:
@@ -63,11 +65,15 @@ class _Recorder(TorchFunctionMode):
         self.uses: list[Use] = []
         self.unstructured: set[str] = set()
         self.flops = 0.0
+        self.matmul_flops = 0.0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
-        self.flops += op_flops(func, args, kwargs, output)
+        flops = op_flops(func, args, kwargs, output)
+        self.flops += flops
+        if func not in CONVOLUTIONS:
+            self.matmul_flops += flops
         touched = [self.names[id(t)] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in self.names]
         if not touched or not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(output)):
             return output  # no selected parameter, or metadata only (size, dim, ...)
@@ -99,7 +105,7 @@ def capture(f: FunctionalModel, x: Batch) -> Capture:
             uses.append(use)
         else:
             unstructured.update(use.roles.values())
-    return Capture(primals, outputs, uses, unstructured, recorder.flops)
+    return Capture(primals, outputs, uses, unstructured, recorder.flops, recorder.matmul_flops)
 
 
 def per_output_cotangents(

@@ -42,6 +42,9 @@ FLOPS: dict[Callable, Callable[[tuple, dict, torch.Tensor], float]] = {
 }
 
 
+CONVOLUTIONS = frozenset({torch.conv1d, torch.conv2d, torch.conv3d})
+
+
 def op_flops(func: Callable, args: tuple, kwargs: dict, output: Any) -> float:
     """FLOPs of one call of a matmul-like op or convolution; 0 for anything else."""
     count = FLOPS.get(func)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._checks import tolerance
+from ..._gemm import fast_matmuls
 from ..._errors import ModelError
 from ..._inputs import Batch, same_batch, take
 from ..._modes import block_shape
@@ -64,6 +65,8 @@ class Layout:
     tried yet, the calibration block got its cotangents one output at a time)."""
     direction_bytes: int
     """Bytes of one sample's cotangents for one output."""
+    matmul_heavy: bool
+    """Whether matrix products make most of the forward FLOPs (then the passes use oneDNN's)."""
 
     def output_chunk(self, n: int, num_outputs: int) -> int:
         """Outputs whose cotangents are computed together for a block of n samples."""
@@ -134,17 +137,18 @@ class StructuredMethod(KernelMethod):
         names = list(observed.primals)
         per_direction = direction_bytes(observed)
         chunk = output_chunk(n, o, per_direction)
+        heavy = observed.matmul_flops >= 0.5 * observed.flops > 0
         batched: bool | None = None
         if chunk > 1:  # learn whether the backward pass vmaps over outputs
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True)
+                    factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True, fast=heavy)
                     batched = not any("performance drop" in str(w.message) for w in caught)
                 except RuntimeError:  # an op whose backward cannot be vmapped over outputs
                     batched = False
         if not batched:
-            factors, conflicts = self.factors_of(observed, chunk=1)
+            factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy)
         del observed.outputs  # free the graph before the check
         checked = min(n, CHECKED_SAMPLES)
         weights = torch.zeros(n, o, dtype=self.f.dtype, device=self.f.device)
@@ -178,20 +182,22 @@ class StructuredMethod(KernelMethod):
             observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & set(names)),
             batched,
             per_direction,
+            heavy,
         )
         self.kept = (x, structured) if keep else None
 
-    def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False) -> tuple[Factors, set[str]]:
+    def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False, fast: bool = False) -> tuple[Factors, set[str]]:
         """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time, and
-        the parameters whose uses cannot be combined exactly."""
+        the parameters whose uses cannot be combined exactly; ``fast``: oneDNN products."""
         uses = observed.uses
         roles_of = roles_by_use(uses)
         parts: list[list[Factors]] = [[] for _ in uses]
-        for cotangents in per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph):
-            for i, (use, g) in enumerate(zip(uses, cotangents)):
-                if g is not None:  # None: this layer does not affect the outputs
-                    parts[i].append(self.use_factors(use, g, roles_of[i], observed.outputs.shape[1]))
-            del cotangents
+        with fast_matmuls(fast):
+            for cotangents in per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph):
+                for i, (use, g) in enumerate(zip(uses, cotangents)):
+                    if g is not None:  # None: this layer does not affect the outputs
+                        parts[i].append(self.use_factors(use, g, roles_of[i], observed.outputs.shape[1]))
+                del cotangents
         return merge_uses([stack_outputs(p) for p in parts if p])
 
     def with_fallback(self, factors: Factors, x: Batch) -> Factors:
@@ -208,17 +214,19 @@ class StructuredMethod(KernelMethod):
             return self.with_fallback(factors, x)
         if self.calibration is None:
             self.calibrate(x)
-        observed = capture(self.f, x)
+        heavy = self.calibration.matmul_heavy
+        with fast_matmuls(heavy):
+            observed = capture(self.f, x)
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
         try:
-            factors, conflicts = self.factors_of(observed, chunk, retain_graph=self.calibration.batched_backward is None)
+            factors, conflicts = self.factors_of(observed, chunk, retain_graph=self.calibration.batched_backward is None, fast=heavy)
         except RuntimeError:
             if chunk == 1 or self.calibration.batched_backward is not None:
                 raise
             # first vmapped backward of this model, and it cannot be: one output at a time from now on
             self.calibration = dataclasses.replace(self.calibration, batched_backward=False)
-            factors, conflicts = self.factors_of(observed, 1)
+            factors, conflicts = self.factors_of(observed, 1, fast=heavy)
         if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
             raise ModelError(
                 "the model uses its parameters differently from one block of inputs to another (data-dependent "
