@@ -41,8 +41,10 @@ class JacobianFactor:
         return contract_jacobian_pair(self.jacobian, other.jacobian, mode)
 
     def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-        """Σ_{n,a} weights[n, a] J[n, a]: the gradient these factors imply, per parameter flattened."""
-        return list(torch.einsum("na,nap->p", weights, self.jacobian).split([shape.numel() for shape in shapes]))
+        """Σ_{n,a} weights[n, a] J[n, a] over the first K samples (weights (K, O)): the gradient
+        these factors imply, per parameter flattened."""
+        jacobian = self.jacobian[: weights.shape[0]]
+        return list(torch.einsum("na,nap->p", weights, jacobian).split([shape.numel() for shape in shapes]))
 
     @staticmethod
     def stack_outputs(parts: list["JacobianFactor"]) -> "JacobianFactor":
@@ -125,14 +127,17 @@ class PairFactor:
         return x + 1 if self.plus_one else x
 
     def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-        """The gradient of Σ weights[n, a] f_a(x_n) these factors imply: W's (and b's), flattened."""
-        g = torch.einsum("na,nase->nse", weights, self.cotangents)
+        """The gradient of Σ weights[n, a] f_a(x_n) over the first K samples (weights (K, O))
+        these factors imply: W's (and b's), flattened."""
+        k = weights.shape[0]
+        keys = self.keys[:k]
+        g = torch.einsum("na,nase->nse", weights, self.cotangents[:k])
         e = g.shape[-1]
         if self.kind == "index":
             table = torch.zeros(shapes[0][0], e, dtype=g.dtype, device=g.device)
-            parts = [table.index_add_(0, self.keys.reshape(-1), g.reshape(-1, e)).reshape(-1)]
+            parts = [table.index_add_(0, keys.reshape(-1), g.reshape(-1, e)).reshape(-1)]
         else:
-            parts = [torch.einsum("nse,nsd->ed", g, self.keys).reshape(-1)]
+            parts = [torch.einsum("nse,nsd->ed", g, keys).reshape(-1)]
         if self.plus_one:
             parts.append(g.sum((0, 1)))
         return parts

@@ -151,11 +151,11 @@ class StructuredMethod(KernelMethod):
             factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy)
         del observed.outputs  # free the graph before the check
         checked = min(n, CHECKED_SAMPLES)
-        weights = torch.zeros(n, o, dtype=self.f.dtype, device=self.f.device)
-        weights[:checked] = torch.randn(checked, o, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        weights = torch.randn(checked, o, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        weights = weights.to(device=self.f.device, dtype=self.f.dtype)
         primals = {name: p.detach().requires_grad_() for name, p in self.f.primals.items()}
         with torch.enable_grad():
-            objective = (self.f(primals, take(x, 0, checked)) * weights[:checked]).sum()
+            objective = (self.f(primals, take(x, 0, checked)) * weights).sum()
         true = torch.autograd.grad(objective, list(primals.values()), allow_unused=True)
         true_by_name = {name: torch.zeros_like(primals[name]) if g is None else g for name, g in zip(primals, true)}
         scale = max((g.abs().max().item() for g in true_by_name.values() if g.numel()), default=0.0)
