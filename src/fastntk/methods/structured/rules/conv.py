@@ -4,9 +4,9 @@ The weight Jacobian of every (sample, output) pair is what a weight-gradient ker
 computes. One call of the convolution's own weight backward per output computes them for
 all samples: the samples become groups, so their gradients are not summed. When each
 output channel sees only a few inputs (C_in/groups · kernel size <= SMALL_PATCH, e.g. a
-first layer on RGB images or a depthwise convolution), 1d/2d convolutions use the input's patches (im2col) and batched
-GEMMs instead: oneDNN's grouped weight-gradient kernel for so few channels per group is
-slow, and its first call in a process costs ~30 ms of set-up.
+first layer on RGB images or a depthwise convolution), 1d/2d convolutions use the input's
+patches (im2col) and batched GEMMs instead: oneDNN's grouped weight-gradient kernel for
+so few channels per group is slow, and its first call in a process costs ~30 ms of set-up.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def saved_geometry(call: dict) -> Saved:
 
 
 def uses_patches(saved: Saved) -> bool:
+    """Whether this convolution's weight Jacobians come from patches (1d/2d, few inputs per channel)."""
     return saved["input"].dim() <= 4 and saved["weight_shape"][1:].numel() <= SMALL_PATCH
 
 
