@@ -44,9 +44,9 @@ def calibrate_on_first_block(method: KernelMethod, x1: Batch, x2: Batch | None, 
 
     The method may keep that block's factors (the structured method does), so calibrating
     costs little beyond them. Without a given ``block``, blocks are sized from the method's
-    bytes per sample before calibrating (for the structured method a bound from one forward
-    pass), and again after it: should calibration find more (a group sent to the Jacobian
-    fallback), the smaller block wins and the kept factors are dropped. A first block of one
+    bytes per sample before calibrating (for the structured method an estimate from one
+    forward pass), and again after it: should calibration find more (a group sent to the
+    Jacobian fallback), the smaller block wins and the kept factors are dropped. A first block of one
     sample is too few to calibrate on (the structured check compares samples): then the
     first two samples are used, x2 topping up.
     """

@@ -9,8 +9,9 @@ layer inputs and output cotangents. They differ in the contraction:
   cotangent Gram, or its Jacobian contraction), plus the jacobian cost of fallback parameters
 * vp:         no contraction, but N2·O forward-mode passes over all N1 samples: 3·N1·N2·O·[FP]
 
-[FP] is counted by the structured method's capture (matmuls and convolutions) on the probe. Factors that do not fit the
-memory budget beside a block are recomputed for every block row, which the model counts.
+[FP] is counted by the structured method's capture (matmuls and convolutions) on its
+calibration block. Factors that do not fit the memory budget beside a block are
+recomputed for every block row, which the model counts.
 """
 
 from __future__ import annotations
