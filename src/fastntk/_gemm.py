@@ -3,8 +3,8 @@
 PyTorch's CPU ``mm``/``addmm`` call MKL, whose float32 GEMM runs its AVX2 code path on AMD
 processors; oneDNN, also inside PyTorch (``torch.ops.mkldnn._linear_pointwise``, the op
 ``torch.compile`` uses for CPU linear layers), runs AVX-512 there and was measured about
-2x faster on the benchmark machine (AMD EPYC, 2 threads: 430-460 vs 200-215 GFLOP/s for
-1280x1024x1024; ``bench/gemm.py`` measures it) at float32 accuracy. The engines contract factors inside
+2x faster on the benchmark machine (AMD EPYC, 2 threads; ``bench/gemm.py``) at float32
+accuracy. The engines contract factors inside
 :func:`fast_matmuls`, which routes float32 CPU ``mm``/``addmm`` calls to oneDNN, and the
 structured method runs the model's forward and backward passes inside it when the
 model's forward FLOPs are mostly matrix products (a Python dispatch mode costs each op a
