@@ -181,3 +181,21 @@ def test_oneDNN_passes_only_for_matmul_models(case: str, heavy: bool) -> None:
     """The forward and backward passes run under the oneDNN dispatch mode only when matrix
     products make most of the forward FLOPs (convolution networks do not earn its per-op cost back)."""
     assert calibrated(case).calibration.matmul_heavy is heavy
+
+
+def test_backward_vmapped_over_outputs_only_where_it_pays() -> None:
+    """Matrix-product models: several outputs per backward pass (taller GEMMs); convolution
+    models: one output at a time once a block's passes are big (PyTorch's vmap rule for the
+    convolution backward loops over outputs anyway), several while they are tiny."""
+    import dataclasses
+
+    from fastntk.methods.structured.method import SMALL_PASSES
+
+    conv = calibrated("tutorial_cnn").calibration
+    big = dataclasses.replace(conv, forward_flops=SMALL_PASSES)  # per sample: any block is big
+    tiny = dataclasses.replace(conv, forward_flops=1.0)
+    assert big.output_chunk(4, 2) == 1
+    assert tiny.output_chunk(4, 2) == 2
+    matmul = dataclasses.replace(calibrated("mlp").calibration, forward_flops=SMALL_PASSES)
+    assert matmul.output_chunk(4, 2) == 2
+    assert dataclasses.replace(matmul, batched_backward=False).output_chunk(4, 2) == 1

@@ -66,11 +66,14 @@ class Layout:
     direction_bytes: int
     """Bytes of one sample's cotangents for one output."""
     matmul_heavy: bool
-    """Whether matrix products make most of the forward FLOPs (then the passes use oneDNN's)."""
+    """Whether matrix products make most of the forward FLOPs: then the passes use oneDNN's
+    and the backward passes are vmapped over several outputs at once."""
 
     def output_chunk(self, n: int, num_outputs: int) -> int:
         """Outputs whose cotangents are computed together for a block of n samples."""
-        return 1 if self.batched_backward is False else output_chunk(n, num_outputs, self.direction_bytes)
+        if self.batched_backward is False or not vmap_pays(self.matmul_heavy, n * self.forward_flops):
+            return 1
+        return output_chunk(n, num_outputs, self.direction_bytes)
 
 
 class StructuredMethod(KernelMethod):
@@ -136,8 +139,8 @@ class StructuredMethod(KernelMethod):
         n, o = observed.outputs.shape
         names = list(observed.primals)
         per_direction = direction_bytes(observed)
-        chunk = output_chunk(n, o, per_direction)
         heavy = observed.matmul_flops >= 0.5 * observed.flops > 0
+        chunk = output_chunk(n, o, per_direction) if vmap_pays(heavy, observed.flops) else 1
         batched: bool | None = None
         if chunk > 1:  # learn whether the backward pass vmaps over outputs
             with warnings.catch_warnings(record=True) as caught:
@@ -258,6 +261,19 @@ def direction_bytes(observed: Capture) -> int:
     """Bytes of one sample's cotangents for one output: one per covered use's output."""
     n = observed.outputs.shape[0]
     return sum(use.output.numel() * use.output.element_size() for use in observed.uses) // max(1, n)
+
+
+SMALL_PASSES = 2**26
+"""Forward FLOPs of a block below which its passes are short enough for per-output Python
+overhead to dominate."""
+
+
+def vmap_pays(matmul_heavy: bool, block_flops: float) -> bool:
+    """Whether to vmap a block's backward pass over several outputs: for matrix products (taller
+    GEMMs), or when the passes are so small that per-output overhead dominates. PyTorch's
+    batching rule for the convolution backward loops over the outputs and stacks the results,
+    so bigger convolution blocks get their cotangents one output at a time."""
+    return matmul_heavy or block_flops < SMALL_PASSES
 
 
 def output_chunk(n: int, num_outputs: int, per_direction: int) -> int:
