@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from . import __version__, zoo
 from ._api import method_names
 from ._errors import FastNTKError
+from .scale.store import file_place_problem
 
 PROG = "fastntk"
 MODES = ("full", "trace", "diagonal", "trace_mean")
@@ -416,11 +417,9 @@ def check_out_path(text: str) -> Path:
     path = Path(text)
     if path.suffix.lower() not in (".npy", ".pt", ".pth"):
         raise CLIError(f"--out {text}: unsupported file type {path.suffix or '(none)'!r}: use .npy or .pt")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CLIError(f"--out {text}: the directory {str(parent)!r} does not exist")
-    if path.is_dir():
-        raise CLIError(f"--out {text} is a directory: give a file name")
+    problem = file_place_problem(path)
+    if problem:
+        raise CLIError(f"--out {text}{problem}")
     return path
 
 

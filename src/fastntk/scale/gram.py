@@ -453,7 +453,7 @@ def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, r
         return plan, set(), prints
     records = store.read_journals(path)
     expected = {(b.i, b.j): b for b in all_blocks(problem.n1, problem.n2, plan["block"], problem.symmetric)}
-    done = {key for key, r in records.items() if key in expected and (expected[key].rows, expected[key].cols) == (r.rows, r.cols)}
+    done = {key for key, block in records.items() if expected.get(key) == block}
     if len(done) != len(records):
         log.warning("%d journal lines of %s do not match its blocks and are ignored", len(records) - len(done), path)
     log.info("resuming %s: %d of %d blocks finished", path, len(done), len(expected))

@@ -22,13 +22,13 @@ import glob
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from .._errors import FastNTKError, OptionError
+from .schedule import Block
 
 FORMAT = "fastntk-gram/1"
 
@@ -50,12 +50,21 @@ def check_out_path(out: str | os.PathLike) -> Path:
     path = Path(out)
     if path.suffix.lower() != ".npy":
         raise OptionError(f"out={str(out)!r}: the kernel is written as a .npy file; give a path ending in .npy")
+    problem = file_place_problem(path)
+    if problem:
+        raise OptionError(f"out={str(out)!r}{problem}")
+    return path
+
+
+def file_place_problem(path: Path) -> str:
+    """Why a file cannot be written at ``path`` ("" if it can be): its directory is missing,
+    or the path is a directory. Phrased to follow the path in an error message."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise OptionError(f"out={str(out)!r}: the directory {str(parent)!r} does not exist")
+        return f": the directory {str(parent)!r} does not exist"
     if path.is_dir():
-        raise OptionError(f"out={str(out)!r} is a directory: give a file name")
-    return path
+        return " is a directory: give a file name"
+    return ""
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
@@ -139,26 +148,16 @@ def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     sync_dir(path.parent)
 
 
-@dataclass(frozen=True)
-class Record:
-    """A finished block as the journal holds it."""
-
-    i: int
-    j: int
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-
-
-def read_journals(path: Path) -> dict[tuple[int, int], Record]:
+def read_journals(path: Path) -> dict[tuple[int, int], Block]:
     """Every finished block recorded by any rank; torn or malformed lines are skipped."""
-    done: dict[tuple[int, int], Record] = {}
+    done: dict[tuple[int, int], Block] = {}
     for journal in sorted(glob.glob(str(journal_dir(path) / "rank-*.jsonl"))):
         with open(journal, "rb") as fh:
             data = fh.read()
         for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn
             try:
                 entry = json.loads(line)
-                record = Record(int(entry["i"]), int(entry["j"]), tuple(entry["rows"]), tuple(entry["cols"]))  # type: ignore[arg-type]
+                record = Block(int(entry["i"]), int(entry["j"]), tuple(entry["rows"]), tuple(entry["cols"]))  # type: ignore[arg-type]
             except (ValueError, KeyError, TypeError):
                 continue
             done[(record.i, record.j)] = record
