@@ -46,9 +46,9 @@ def calibrate_on_first_block(method: KernelMethod, x1: Batch, x2: Batch | None, 
     costs little beyond them. Without a given ``block``, blocks are sized from the method's
     bytes per sample before calibrating (for the structured method an estimate from one
     forward pass), and again after it: should calibration find more (a group sent to the
-    Jacobian fallback), the smaller block wins and the kept factors are dropped. A first block of one
-    sample is too few to calibrate on (the structured check compares samples): then the
-    first two samples are used, x2 topping up.
+    Jacobian fallback), the smaller block wins and the kept factors are dropped. A first
+    block of one sample is too few to calibrate on (the structured check compares samples):
+    then the first two samples are used, x2 topping up.
     """
     n1, symmetric = batch_size(x1), x2 is None
     given = block is not None
@@ -60,10 +60,10 @@ def calibrate_on_first_block(method: KernelMethod, x1: Batch, x2: Batch | None, 
         method.calibrate(first_samples(x1, x2, 2))
         return block
     method.calibrate(take(x1, 0, first), keep=True)
-    if not given and default_block(method, budget, n1, symmetric) < block:
+    calibrated = block if given else default_block(method, budget, n1, symmetric)
+    if calibrated < block:
         method.kept = None
-        return default_block(method, budget, n1, symmetric)
-    return block
+    return min(calibrated, block)
 
 
 def block_pairs(n1: int, n2: int, size: int, symmetric: bool) -> Iterator[tuple[int, int, tuple[int, int], tuple[int, int]]]:

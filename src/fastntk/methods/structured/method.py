@@ -71,9 +71,9 @@ class Layout:
 
     def output_chunk(self, n: int, num_outputs: int) -> int:
         """Outputs whose cotangents are computed together for a block of n samples."""
-        if self.batched_backward is False or not vmap_pays(self.matmul_heavy, n * self.forward_flops):
+        if self.batched_backward is False:
             return 1
-        return output_chunk(n, num_outputs, self.direction_bytes)
+        return output_chunk(n, num_outputs, self.direction_bytes, self.matmul_heavy, n * self.forward_flops)
 
 
 class StructuredMethod(KernelMethod):
@@ -140,7 +140,7 @@ class StructuredMethod(KernelMethod):
         names = list(observed.primals)
         per_direction = direction_bytes(observed)
         heavy = observed.matmul_flops >= 0.5 * observed.flops > 0
-        chunk = output_chunk(n, o, per_direction) if vmap_pays(heavy, observed.flops) else 1
+        chunk = output_chunk(n, o, per_direction, heavy, observed.flops)
         batched: bool | None = None
         if chunk > 1:  # learn whether the backward pass vmaps over outputs
             with warnings.catch_warnings(record=True) as caught:
@@ -268,16 +268,16 @@ SMALL_PASSES = 2**26
 overhead to dominate."""
 
 
-def vmap_pays(matmul_heavy: bool, block_flops: float) -> bool:
-    """Whether to vmap a block's backward pass over several outputs: for matrix products (taller
-    GEMMs), or when the passes are so small that per-output overhead dominates. PyTorch's
-    batching rule for the convolution backward loops over the outputs and stacks the results,
-    so bigger convolution blocks get their cotangents one output at a time."""
-    return matmul_heavy or block_flops < SMALL_PASSES
+def output_chunk(n: int, num_outputs: int, per_direction: int, matmul_heavy: bool, block_flops: float) -> int:
+    """Outputs whose cotangents one backward pass computes for n samples.
 
-
-def output_chunk(n: int, num_outputs: int, per_direction: int) -> int:
-    """Outputs whose cotangents one backward pass computes for n samples: as many as fit CHUNK_BYTES."""
+    Several (as many as fit CHUNK_BYTES) for matrix products (taller GEMMs), or when the
+    passes are so small that per-output overhead dominates; else one. PyTorch's batching
+    rule for the convolution backward loops over the outputs and stacks the results, so
+    bigger convolution blocks get their cotangents one output at a time.
+    """
+    if not matmul_heavy and block_flops >= SMALL_PASSES:
+        return 1
     return max(1, min(num_outputs, CHUNK_BYTES // max(1, n * per_direction)))
 
 
