@@ -13,6 +13,7 @@ from torch import nn
 from ._checks import check_per_sample, check_training_mode
 from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
 from ._errors import NonFiniteError, OptionError
+from ._heap import keep_freed_memory
 from ._functional import FunctionalModel, ParamSelection
 from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
 from ._modes import MODES, Mode, check_mode
@@ -160,8 +161,10 @@ class NTKFunction:
 def kernel_context() -> Iterator[None]:
     """What every kernel computation runs in: torch.func's "performance drop" warnings for
     ops without a batching rule silenced (they repeat on every call and format source lines
-    each time; the cost model and the methods already account for such ops).
+    each time; the cost model and the methods already account for such ops), and freed
+    memory kept for reuse (:mod:`fastntk._heap`).
     """
+    keep_freed_memory()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
         yield
