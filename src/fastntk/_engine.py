@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator
 
 import torch
@@ -121,7 +122,9 @@ def compute_kernel(
         return cache[j]
 
     left: tuple[int, Any] | None = None
-    with tqdm(total=len(pairs), desc="kernel blocks", unit="block", disable=not progress or len(pairs) < 2, delay=2.0) as bar:
+    # a bar only when asked for (tqdm's first bar starts a monitor thread: milliseconds)
+    shown = progress and len(pairs) > 1
+    with (tqdm(total=len(pairs), desc="kernel blocks", unit="block", delay=2.0) if shown else contextlib.nullcontext()) as bar:
         for i, j, rows, cols in pairs:
             if left is None or left[0] != i:
                 left = (i, right_factors(i, rows) if shared else method.left(take(x1, *rows)))
@@ -131,5 +134,6 @@ def compute_kernel(
             out[rows[0]:rows[1], cols[0]:cols[1]] = value
             if symmetric and i != j:
                 out[cols[0]:cols[1], rows[0]:rows[1]] = transpose_block(value, method.mode)
-            bar.update()
+            if bar is not None:
+                bar.update()
     return out
