@@ -53,3 +53,22 @@ def test_tensors_come_from_the_heap_on_glibc() -> None:
 def test_switch_leaves_the_allocator_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASTNTK_KEEP_HEAP", "0")
     assert keep_freed_memory.__wrapped__() is False  # the uncached function: nothing allocated
+
+
+def test_ntk_keeps_memory_and_the_budgeted_gram_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fastntk.ntk asks for the adaptation; fastntk.gram, which keeps its process near a budget, does not."""
+    import torch
+    from torch import nn
+
+    import fastntk
+    from fastntk import _api
+
+    calls: list[str] = []
+    monkeypatch.setattr(_api, "keep_freed_memory", lambda: calls.append("kept"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    fastntk.gram(model, x, max_memory="64MB", progress=False)
+    assert calls == []
+    fastntk.ntk(model, x)
+    assert calls

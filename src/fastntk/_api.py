@@ -158,13 +158,15 @@ class NTKFunction:
 
 
 @contextlib.contextmanager
-def kernel_context() -> Iterator[None]:
+def kernel_context(keep_memory: bool = True) -> Iterator[None]:
     """What every kernel computation runs in: torch.func's "performance drop" warnings for
     ops without a batching rule silenced (they repeat on every call and format source lines
-    each time; the cost model and the methods already account for such ops), and freed
-    memory kept for reuse (:mod:`fastntk._heap`).
+    each time; the cost model and the methods already account for such ops), and, with
+    ``keep_memory``, freed memory kept for reuse (:mod:`fastntk._heap`; the budgeted Gram
+    of :mod:`fastntk.scale` leaves glibc alone: it keeps its process near its budget).
     """
-    keep_freed_memory()
+    if keep_memory:
+        keep_freed_memory()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
         yield

@@ -78,6 +78,27 @@ def test_sequence_linear_uses_both_forms() -> None:
         assert isinstance(factors[("fc.weight", "fc.bias")], kind)
 
 
+@pytest.mark.parametrize(("mode", "sample_major"), [("trace", True), ("full", False), ("diagonal", False)])
+def test_dense_cotangents_sample_major_only_for_trace(mode: str, sample_major: bool) -> None:
+    """Trace contractions of dense layers read sample-major cotangents (one GEMM over O·e per pair
+    of blocks); full and diagonal ones read them output-major, as the backward pass left them."""
+    from fastntk.methods.jacobian import is_output_major
+    from fastntk.methods.structured.factors import PairFactor
+
+    c = CASES_BY_NAME["mlp"]
+    f = FunctionalModel.build(c.build(torch.float32))
+    x = c.draw(5, torch.float32)
+    with torch.no_grad():
+        outputs = f(f.primals, x).shape[1]
+    method = StructuredMethod(f, mode, outputs)
+    dense = [factor for factor in method.left(x).values() if isinstance(factor, PairFactor)]
+    assert dense
+    for factor in dense:
+        assert factor.sample_major is sample_major
+        assert factor.cotangents.is_contiguous() is sample_major
+        assert is_output_major(factor.cotangents) is not sample_major
+
+
 SIZED_EXACTLY = [c.name for c in STRUCTURED_CASES if c.name not in ("shuffled_batch", "direct_weight_use")]
 
 

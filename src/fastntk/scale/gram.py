@@ -373,7 +373,7 @@ def build_method(problem: Problem, name: str) -> KernelMethod:
     """Method ``name``, bound to the model and calibrated on the first samples (once per call)."""
     if name not in problem.methods:
         kernel = METHODS[name](problem.f, problem.fn.mode, problem.num_outputs)
-        with kernel_context():
+        with kernel_context(keep_memory=False):
             kernel.calibrate(calibration_samples(problem))
         problem.methods[name] = kernel
     return problem.methods[name]
@@ -506,7 +506,7 @@ def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block:
     right: Any = None
     started, pairs = time.perf_counter(), 0
     for k, b in enumerate(mine):
-        with torch.no_grad(), kernel_context():
+        with torch.no_grad(), kernel_context(keep_memory=False):
             if fetch_left[k]:
                 t += 1
                 left = cache.get(left_key(b), t, size(left_key(b)), factors(left_key(b)))

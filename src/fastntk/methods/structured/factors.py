@@ -85,16 +85,19 @@ class PairFactor:
 
     ``kind`` "dot": keys (N, S, d) are layer inputs, X = ⟨k, k'⟩; "index": keys (N, S)
     are embedding indices, X = [k == k']. The cotangents are kept output-major (see
-    :func:`output_major`), the layout they are computed in, so no contraction copies them.
+    :func:`output_major`), the layout they are computed in, so no contraction copies them;
+    with ``sample_major`` they are copied once, sample by sample, so that each trace
+    contraction of a single-position layer is one GEMM over O·e rather than O smaller ones.
     """
 
     keys: torch.Tensor
     cotangents: torch.Tensor
     kind: Literal["dot", "index"]
     plus_one: bool
+    sample_major: bool = False
 
     def __post_init__(self) -> None:
-        self.cotangents = output_major(self.cotangents)
+        self.cotangents = self.cotangents.contiguous() if self.sample_major else output_major(self.cotangents)
 
     def merge(self, other: "PairFactor") -> "PairFactor":
         """Two uses of one weight: their positions concatenate."""
@@ -103,6 +106,7 @@ class PairFactor:
             torch.cat([self.cotangents, other.cotangents], dim=2),
             self.kind,
             self.plus_one,
+            self.sample_major,
         )
 
     @staticmethod
@@ -110,7 +114,7 @@ class PairFactor:
         """The factor of all outputs from factors of consecutive output slices (same keys)."""
         first = parts[0]
         cotangents = stack_along_outputs([p.cotangents for p in parts])
-        return first if cotangents is first.cotangents else PairFactor(first.keys, cotangents, first.kind, first.plus_one)
+        return first if cotangents is first.cotangents else PairFactor(first.keys, cotangents, first.kind, first.plus_one, first.sample_major)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.cotangents))

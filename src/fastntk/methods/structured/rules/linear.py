@@ -28,9 +28,9 @@ def linear_factors(keys: torch.Tensor, cotangents: torch.Tensor, roles: Roles, m
     if weight is None:
         return {(bias,): JacobianFactor(position_sum(cotangents, 1))}
     if pair_is_cheaper(s, keys.shape[-1], e, num_outputs, mode):
-        if bias is None:
-            return {(weight,): PairFactor(keys, cotangents, "dot", plus_one=False)}
-        return {(weight, bias): PairFactor(keys, cotangents, "dot", plus_one=True)}
+        group = (weight,) if bias is None else (weight, bias)
+        # one GEMM over O·e per trace contraction of a dense layer: sample-major cotangents
+        return {group: PairFactor(keys, cotangents, "dot", plus_one=bias is not None, sample_major=mode == "trace" and s == 1)}
     jacobian = torch.einsum("nase,nsd->naed", cotangents, keys).reshape(n, o, -1)
     if bias is None:
         return {(weight,): JacobianFactor(jacobian)}
