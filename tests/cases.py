@@ -227,6 +227,11 @@ STRUCTURED_CASES: list[Case] = [
     Case("shuffled_batch", Shuffled, normal(4)),
     Case("direct_weight_use", DirectWeightUse, normal(4)),
     Case("shared_linear_and_scale", SharedLinear, normal(4)),
+    Case(  # in-place ops write over the outputs of the layers the structured method records
+        "inplace_relu",
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 3 * 3, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)),
+        normal(2, 5, 5),
+    ),
 ]
 
 CASES_BY_NAME.update({case.name: case for case in STRUCTURED_CASES})

@@ -142,9 +142,9 @@ def test_first_block_is_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
     original = structured.capture
 
-    def counting(f, x):  # noqa: ANN001, ANN202
+    def counting(f, x, *args):  # noqa: ANN001, ANN202
         sizes.append(x.shape[0])
-        return original(f, x)
+        return original(f, x, *args)
 
     monkeypatch.setattr(structured, "capture", counting)
     c = CASES_BY_NAME["mlp"]
@@ -202,6 +202,13 @@ def test_oneDNN_passes_only_for_matmul_models(case: str, heavy: bool) -> None:
     """The forward and backward passes run under the oneDNN dispatch mode only when matrix
     products make most of the forward FLOPs (convolution networks do not earn its per-op cost back)."""
     assert calibrated(case).calibration.matmul_heavy is heavy
+
+
+@pytest.mark.parametrize(("case", "cloned"), [("inplace_relu", True), ("mlp", False), ("tutorial_cnn", False)])
+def test_layer_outputs_are_copied_only_when_written_over(case: str, cloned: bool) -> None:
+    """The forward pass continues from the recorded layer outputs themselves (no copy of every
+    activation) unless the model writes over one in place; then it gives the model copies."""
+    assert calibrated(case).calibration.clone_outputs is cloned
 
 
 def test_backward_vmapped_over_outputs_only_where_it_pays() -> None:

@@ -31,10 +31,16 @@ class Use:
     saved: Saved
     output: torch.Tensor
     versions: list[tuple[torch.Tensor, int]]
+    output_version: int = 0
 
     def intact(self) -> bool:
         """Whether no saved input was modified in place after the call."""
         return all(t._version == v for t, v in self.versions)
+
+    def output_intact(self) -> bool:
+        """Whether the recorded output is still the op's result (no in-place op downstream,
+        such as ReLU(inplace=True), wrote over it: its cotangents would then be the wrong ones)."""
+        return self.output._version == self.output_version
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Capture:
     """Forward FLOPs of the matmuls and convolutions seen, for the whole block."""
     matmul_flops: float = 0.0
     """The part of ``flops`` in matrix products (the rest: convolutions)."""
+    cloned: bool = False
+    """Whether the recorded outputs are copies (the model writes over some of them in place)."""
 
 
 def batch_first(call: dict[str, Any], output: torch.Tensor, n: int) -> bool:
@@ -58,9 +66,10 @@ def batch_first(call: dict[str, Any], output: torch.Tensor, n: int) -> bool:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, primals: Params, n: int) -> None:
+    def __init__(self, primals: Params, n: int, clone_outputs: bool) -> None:
         super().__init__()
         self.n = n
+        self.clone_outputs = clone_outputs
         self.names = {id(t): name for name, t in primals.items()}
         self.uses: list[Use] = []
         self.unstructured: set[str] = set()
@@ -86,18 +95,25 @@ class _Recorder(TorchFunctionMode):
                 if sorted(roles.values()) == sorted(touched):
                     saved = rule.save(call, output)
                     versions = [(t, t._version) for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
-                    self.uses.append(Use(rule, roles, saved, output, versions))
-                    return output.clone()  # in-place ops downstream must not touch the recorded output
+                    self.uses.append(Use(rule, roles, saved, output, versions, output._version))
+                    return output.clone() if self.clone_outputs else output
         self.unstructured.update(touched)
         return output
 
 
-def capture(f: FunctionalModel, x: Batch) -> Capture:
-    """Run f on the block x, recording structured uses of the selected parameters."""
+def capture(f: FunctionalModel, x: Batch, clone_outputs: bool = False) -> Capture:
+    """Run f on the block x, recording structured uses of the selected parameters.
+
+    The model continues from the recorded outputs themselves, unless ``clone_outputs``
+    gives it copies. Should an in-place op downstream write over a recorded output, the
+    pass is run again with copies (``Capture.cloned``; callers pass it on next time).
+    """
     primals = {name: p.detach().requires_grad_() for name, p in f.primals.items()}
-    recorder = _Recorder(primals, batch_size(x))
+    recorder = _Recorder(primals, batch_size(x), clone_outputs)
     with torch.enable_grad(), recorder:
         outputs = f(primals, x)
+    if not clone_outputs and not all(use.output_intact() for use in recorder.uses):
+        return capture(f, x, clone_outputs=True)
     unstructured = set(recorder.unstructured)
     uses = []
     for use in recorder.uses:
@@ -105,7 +121,7 @@ def capture(f: FunctionalModel, x: Batch) -> Capture:
             uses.append(use)
         else:
             unstructured.update(use.roles.values())
-    return Capture(primals, outputs, uses, unstructured, recorder.flops, recorder.matmul_flops)
+    return Capture(primals, outputs, uses, unstructured, recorder.flops, recorder.matmul_flops, clone_outputs)
 
 
 def per_output_cotangents(

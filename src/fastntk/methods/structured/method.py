@@ -68,6 +68,9 @@ class Layout:
     matmul_heavy: bool
     """Whether matrix products make most of the forward FLOPs: then the passes use oneDNN's
     and the backward passes are vmapped over several outputs at once."""
+    clone_outputs: bool = False
+    """Whether the model writes over a recorded layer output in place, so that the forward
+    pass must give it copies (see :func:`capture`)."""
 
     def output_chunk(self, n: int, num_outputs: int) -> int:
         """Outputs whose cotangents are computed together for a block of n samples."""
@@ -186,6 +189,7 @@ class StructuredMethod(KernelMethod):
             batched,
             per_direction,
             heavy,
+            observed.cloned,
         )
         self.kept = (x, structured) if keep else None
 
@@ -219,7 +223,7 @@ class StructuredMethod(KernelMethod):
             self.calibrate(x)
         heavy = self.calibration.matmul_heavy
         with fast_matmuls(heavy):
-            observed = capture(self.f, x)
+            observed = capture(self.f, x, self.calibration.clone_outputs)
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
         try:
