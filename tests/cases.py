@@ -227,6 +227,11 @@ STRUCTURED_CASES: list[Case] = [
     Case("shuffled_batch", Shuffled, normal(4)),
     Case("direct_weight_use", DirectWeightUse, normal(4)),
     Case("shared_linear_and_scale", SharedLinear, normal(4)),
+    Case(  # a chain of dense layers (cotangents without autograd), one activation in place
+        "chain_mlp",
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(6, 7), nn.ReLU(inplace=True), nn.Linear(7, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)),
+        normal(2, 3),
+    ),
     Case(  # in-place ops write over the outputs of the layers the structured method records
         "inplace_relu",
         lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 3 * 3, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)),

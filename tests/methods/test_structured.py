@@ -142,9 +142,9 @@ def test_first_block_is_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
     original = structured.capture
 
-    def counting(f, x, *args):  # noqa: ANN001, ANN202
+    def counting(f, x, *args, **kwargs):  # noqa: ANN001, ANN202
         sizes.append(x.shape[0])
-        return original(f, x, *args)
+        return original(f, x, *args, **kwargs)
 
     monkeypatch.setattr(structured, "capture", counting)
     c = CASES_BY_NAME["mlp"]

@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from ..._functional import FunctionalModel, Params
 from ..._inputs import Batch, batch_size
+from .chain import Call, Step, chain_of
 from .flops import CONVOLUTIONS, op_flops
 from .rules import RULES, Rule
 from .rules.base import Roles, Saved
@@ -32,6 +33,8 @@ class Use:
     output: torch.Tensor
     versions: list[tuple[torch.Tensor, int]]
     output_version: int = 0
+    returned: torch.Tensor | None = None
+    """What the model got back: ``output``, or a copy of it (see :func:`capture`)."""
 
     def intact(self) -> bool:
         """Whether no saved input was modified in place after the call."""
@@ -57,6 +60,8 @@ class Capture:
     """The part of ``flops`` in matrix products (the rest: convolutions)."""
     cloned: bool = False
     """Whether the recorded outputs are copies (the model writes over some of them in place)."""
+    chain: list[Step] | None = None
+    """The model as one chain of dense layers and activations, when it is one (see :mod:`.chain`)."""
 
 
 def batch_first(call: dict[str, Any], output: torch.Tensor, n: int) -> bool:
@@ -75,9 +80,17 @@ class _Recorder(TorchFunctionMode):
         self.unstructured: set[str] = set()
         self.flops = 0.0
         self.matmul_flops = 0.0
+        self.calls: list[Call] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        before = len(self.uses)
+        output = self.record(func, args, kwargs)
+        if isinstance(output, torch.Tensor):
+            self.calls.append(Call(func, args, kwargs, output, before if len(self.uses) > before else None))
+        return output
+
+    def record(self, func, args, kwargs):  # noqa: ANN001, ANN201
         output = func(*args, **kwargs)
         flops = op_flops(func, args, kwargs, output)
         self.flops += flops
@@ -95,25 +108,29 @@ class _Recorder(TorchFunctionMode):
                 if sorted(roles.values()) == sorted(touched):
                     saved = rule.save(call, output)
                     versions = [(t, t._version) for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
-                    self.uses.append(Use(rule, roles, saved, output, versions, output._version))
-                    return output.clone() if self.clone_outputs else output
+                    use = Use(rule, roles, saved, output, versions, output._version)
+                    use.returned = output.clone() if self.clone_outputs else output
+                    self.uses.append(use)
+                    return use.returned
         self.unstructured.update(touched)
         return output
 
 
-def capture(f: FunctionalModel, x: Batch, clone_outputs: bool = False) -> Capture:
+def capture(f: FunctionalModel, x: Batch, clone_outputs: bool = False, graph: bool = True) -> Capture:
     """Run f on the block x, recording structured uses of the selected parameters.
 
     The model continues from the recorded outputs themselves, unless ``clone_outputs``
     gives it copies. Should an in-place op downstream write over a recorded output, the
     pass is run again with copies (``Capture.cloned``; callers pass it on next time).
+    ``graph=False`` records no autograd graph (for models whose cotangents come from
+    their chain, ``Capture.chain``).
     """
-    primals = {name: p.detach().requires_grad_() for name, p in f.primals.items()}
+    primals = {name: p.detach().requires_grad_(graph) for name, p in f.primals.items()}
     recorder = _Recorder(primals, batch_size(x), clone_outputs)
-    with torch.enable_grad(), recorder:
+    with torch.set_grad_enabled(graph), recorder:
         outputs = f(primals, x)
     if not clone_outputs and not all(use.output_intact() for use in recorder.uses):
-        return capture(f, x, clone_outputs=True)
+        return capture(f, x, clone_outputs=True, graph=graph)
     unstructured = set(recorder.unstructured)
     uses = []
     for use in recorder.uses:
@@ -121,7 +138,8 @@ def capture(f: FunctionalModel, x: Batch, clone_outputs: bool = False) -> Captur
             uses.append(use)
         else:
             unstructured.update(use.roles.values())
-    return Capture(primals, outputs, uses, unstructured, recorder.flops, recorder.matmul_flops, clone_outputs)
+    chain = chain_of(recorder.calls, len(recorder.uses), outputs) if len(uses) == len(recorder.uses) else None
+    return Capture(primals, outputs, uses, unstructured, recorder.flops, recorder.matmul_flops, clone_outputs, chain)
 
 
 def per_output_cotangents(

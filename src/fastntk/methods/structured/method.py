@@ -24,6 +24,7 @@ from ..._modes import block_shape
 from ..base import KernelMethod
 from ..jacobian import flat_jacobian, jacobian_bytes, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents
+from .chain import chain_cotangent_chunks
 from .factors import Factor, JacobianFactor, PairFactor
 from .rules.base import Roles
 
@@ -71,6 +72,9 @@ class Layout:
     clone_outputs: bool = False
     """Whether the model writes over a recorded layer output in place, so that the forward
     pass must give it copies (see :func:`capture`)."""
+    chain: bool = False
+    """Whether the model is one chain of dense layers and activations whose cotangents come
+    without autograd (see :mod:`.chain`): then the forward passes record no graph."""
 
     def output_chunk(self, n: int, num_outputs: int) -> int:
         """Outputs whose cotangents are computed together for a block of n samples."""
@@ -88,6 +92,9 @@ class StructuredMethod(KernelMethod):
     """Bytes per sample from :meth:`estimate_size` (used to size blocks before calibrating)."""
     kept: tuple[Batch, Factors] | None = None
     """The calibration block and its structured factors, for the first ``left`` call on that block."""
+    chain_allowed: bool = True
+    """Whether calibration may take the cotangents from the model's chain (False after the
+    gradient check rejected them once)."""
 
     @property
     def fallback(self) -> list[str]:
@@ -109,7 +116,7 @@ class StructuredMethod(KernelMethod):
         covers. Calibration can still send groups to the fallback (conflicting uses of a
         shared parameter, a failed gradient check); the engine then re-sizes its blocks.
         """
-        observed = capture(self.f, x)
+        observed = capture(self.f, x, graph=False)
         n, o = observed.outputs.shape
         sizes = {name: p.numel() for name, p in self.f.primals.items()}
         total = sum(  # for all n samples
@@ -145,7 +152,10 @@ class StructuredMethod(KernelMethod):
         heavy = observed.matmul_flops >= 0.5 * observed.flops > 0
         chunk = output_chunk(n, o, per_direction, heavy, observed.flops)
         batched: bool | None = None
-        if chunk > 1:  # learn whether the backward pass vmaps over outputs
+        chain = observed.chain is not None and self.chain_allowed
+        if chain:
+            factors, conflicts = self.factors_of(observed, chunk=chunk, fast=heavy, chain=True)
+        elif chunk > 1:  # learn whether the backward pass vmaps over outputs
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
@@ -153,7 +163,7 @@ class StructuredMethod(KernelMethod):
                     batched = not any("performance drop" in str(w.message) for w in caught)
                 except RuntimeError:  # an op whose backward cannot be vmapped over outputs
                     batched = False
-        if not batched:
+        if not batched and not chain:
             factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy)
         del observed.outputs  # free the graph before the check
         checked = min(n, CHECKED_SAMPLES)
@@ -174,6 +184,9 @@ class StructuredMethod(KernelMethod):
                 (c - e).abs_().max().item() > tol for c, e in zip(claimed, expected) if c.numel()
             ):
                 rejected.update(group)
+        if chain and rejected:  # the chain's cotangents disagree with autograd's: leave it to autograd
+            self.chain_allowed = False
+            return self.calibrate(x, keep)
         structured, fallback = split_fallback(factors, observed.unstructured | conflicts | rejected)
         fallback_names = sorted(fallback & set(names))
         # kept: the factors; transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
@@ -190,20 +203,28 @@ class StructuredMethod(KernelMethod):
             per_direction,
             heavy,
             observed.cloned,
+            chain,
         )
         self.kept = (x, structured) if keep else None
 
-    def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False, fast: bool = False) -> tuple[Factors, set[str]]:
+    def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False, fast: bool = False, chain: bool = False) -> tuple[Factors, set[str]]:
         """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time, and
-        the parameters whose uses cannot be combined exactly; ``fast``: oneDNN products."""
+        the parameters whose uses cannot be combined exactly; ``fast``: oneDNN products;
+        ``chain``: cotangents from the model's chain (:mod:`.chain`) instead of autograd."""
         uses = observed.uses
         roles_of = roles_by_use(uses)
         parts: list[list[Factors]] = [[] for _ in uses]
+        n, o = observed.outputs.shape
+        if chain:
+            assert observed.chain is not None
+            chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk)
+        else:
+            chunks = per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph)
         with fast_matmuls(fast):
-            for cotangents in per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph):
+            for cotangents in chunks:
                 for i, (use, g) in enumerate(zip(uses, cotangents)):
                     if g is not None:  # None: this layer does not affect the outputs
-                        parts[i].append(self.use_factors(use, g, roles_of[i], observed.outputs.shape[1]))
+                        parts[i].append(self.use_factors(use, g, roles_of[i], o))
                 del cotangents
         return merge_uses([stack_outputs(p) for p in parts if p])
 
@@ -221,11 +242,26 @@ class StructuredMethod(KernelMethod):
             return self.with_fallback(factors, x)
         if self.calibration is None:
             self.calibrate(x)
-        heavy = self.calibration.matmul_heavy
+        heavy, chain = self.calibration.matmul_heavy, self.calibration.chain
         with fast_matmuls(heavy):
-            observed = capture(self.f, x, self.calibration.clone_outputs)
+            observed = capture(self.f, x, self.calibration.clone_outputs, graph=not chain)
+            if chain and observed.chain is None:  # not a chain on these inputs after all
+                chain, observed = False, capture(self.f, x, self.calibration.clone_outputs)
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
+        if chain:
+            factors, conflicts = self.factors_of(observed, chunk, fast=heavy, chain=True)
+        else:
+            factors, conflicts = self.autograd_factors(observed, chunk, heavy)
+        if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
+            raise ModelError(
+                "the model uses its parameters differently from one block of inputs to another (data-dependent "
+                "control flow), so the structured method cannot pair its factors; use method='jacobian'"
+            )
+        return self.with_fallback(factors, x)
+
+    def autograd_factors(self, observed: Capture, chunk: int, heavy: bool) -> tuple[Factors, set[str]]:
+        """:meth:`factors_of` by autograd, learning on the first vmapped backward whether it can be."""
         try:
             factors, conflicts = self.factors_of(observed, chunk, retain_graph=self.calibration.batched_backward is None, fast=heavy)
         except RuntimeError:
@@ -233,13 +269,8 @@ class StructuredMethod(KernelMethod):
                 raise
             # first vmapped backward of this model, and it cannot be: one output at a time from now on
             self.calibration = dataclasses.replace(self.calibration, batched_backward=False)
-            factors, conflicts = self.factors_of(observed, 1, fast=heavy)
-        if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
-            raise ModelError(
-                "the model uses its parameters differently from one block of inputs to another (data-dependent "
-                "control flow), so the structured method cannot pair its factors; use method='jacobian'"
-            )
-        return self.with_fallback(factors, x)
+            return self.factors_of(observed, 1, fast=heavy)
+        return factors, conflicts
 
     def contract(self, left: Factors, right: Factors) -> torch.Tensor:
         total = None

@@ -1,0 +1,161 @@
+"""Cotangents without autograd for models that are one chain of dense layers and activations.
+
+When everything from the first recorded layer to the model's outputs is a single chain of
+``F.linear`` calls, ReLU/tanh/sigmoid activations and reshapes, each taking the previous
+one's output, the cotangents of the recorded layer outputs for k outputs at once are
+k·N-row GEMMs against the weights and in-place products with the activations' derivatives:
+no autograd graph in the forward pass, no batched autograd in the backward. A dense output
+layer's cotangents are its weight rows, broadcast over the samples (no GEMM). Anything else
+(a residual branch, a convolution, an op without a rule here) leaves the model to autograd;
+the calibration's gradient check covers this path like the other one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+
+Kind = Literal["linear", "relu", "tanh", "sigmoid", "reshape"]
+
+ACTIVATIONS: dict[Callable, Kind] = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu",
+    torch.tanh: "tanh", F.tanh: "tanh", torch.Tensor.tanh: "tanh", torch.Tensor.tanh_: "tanh",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", torch.Tensor.sigmoid_: "sigmoid",
+}
+RESHAPES = (torch.Tensor.reshape, torch.reshape, torch.Tensor.view, torch.Tensor.flatten, torch.flatten)
+
+
+@dataclass
+class Call:
+    """One op the forward pass ran: its function, arguments, the tensor the model got back, and
+    the index of the recorded use it was (None: not a use)."""
+
+    func: Callable
+    args: tuple
+    kwargs: dict[str, Any]
+    output: torch.Tensor
+    use: int | None
+
+
+@dataclass
+class Step:
+    """One link of the chain, from its input (of ``input_shape``) to ``output``."""
+
+    kind: Kind
+    input_shape: torch.Size
+    output: torch.Tensor
+    weight: torch.Tensor | None = None
+    use: int | None = None
+    version: int = 0
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors among an op's arguments (one level of lists and tuples)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
+    return []
+
+
+def first_input(call: Call) -> Any:
+    return call.args[0] if call.args else call.kwargs.get("input")
+
+
+def step_of(call: Call, current: torch.Tensor) -> Step | None:
+    """The chain link ``call`` is when its input is ``current``, or None when it is not one."""
+    inputs = tensors_in((call.args, call.kwargs))
+    first = first_input(call)
+    if call.func is F.linear:
+        weight = call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
+        if first is current and isinstance(weight, torch.Tensor) and weight.dim() == 2 and all(t is not current for t in inputs[1:]):
+            return Step("linear", current.shape, call.output, weight, call.use)
+        return None
+    if call.func is torch.cat and len(inputs) == 1 and inputs[0] is current:  # of one tensor (how outputs are flattened)
+        return Step("reshape", current.shape, call.output)
+    if len(inputs) != 1 or first is not current:
+        return None
+    if call.func in ACTIVATIONS:
+        return Step(ACTIVATIONS[call.func], current.shape, call.output)
+    if call.func in RESHAPES:
+        return Step("reshape", current.shape, call.output)
+    return None
+
+
+def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[Step] | None:
+    """The chain from the first recorded use to ``outputs``, or None when the model is not one."""
+    start = next((i for i, call in enumerate(calls) if call.use is not None), None)
+    if start is None or calls[start].func is not F.linear:
+        return None
+    seen: set[int] = set()
+    current: torch.Tensor | None = None
+    steps: list[Step] = []
+    for call in calls[start:]:
+        inputs = tensors_in((call.args, call.kwargs))
+        if current is not None and not any(t is current or id(t) in seen for t in inputs):
+            continue  # a computation beside the chain (of weights, masks, ...)
+        step = step_of(call, first_input(call) if current is None else current)
+        if step is None or any(id(t) in seen for t in inputs if t is not current):
+            return None  # an op the chain has no rule for, or a branch off an earlier link
+        step.version = call.output._version  # activations read their outputs back: checked below
+        steps.append(step)
+        if current is not None:
+            seen.add(id(current))
+        current = call.output
+    uses = {step.use for step in steps if step.use is not None}
+    if current is not outputs or uses != set(range(num_uses)):
+        return None
+    if any(step.output._version != step.version for step in steps if step.kind in ("relu", "tanh", "sigmoid")):
+        return None  # an in-place op wrote over an activation the backward pass reads
+    return steps
+
+
+def chain_cotangents(steps: list[Step], num_uses: int, n: int, start: int, stop: int) -> list[torch.Tensor]:
+    """For outputs start..stop-1: each use's cotangents (k, N, *output shape[1:]), by the chain rule."""
+    k = stop - start
+    outputs = steps[-1].output
+    eye = torch.eye(outputs.shape[1], dtype=outputs.dtype, device=outputs.device)
+    g: torch.Tensor = eye[start:stop, None, :].expand(k, n, outputs.shape[1])
+    basis = True  # g is still the outputs' basis (then a dense layer's cotangents are rows of W)
+    owned = False  # whether g may be written in place
+    found: list[torch.Tensor | None] = [None] * num_uses
+    for i in range(len(steps) - 1, -1, -1):
+        step = steps[i]
+        if step.kind == "linear":
+            if step.use is not None:
+                found[step.use] = g
+            if i == 0:
+                break
+            weight = step.weight
+            assert weight is not None
+            if basis and step.output.dim() == 2:
+                g = weight[start:stop, None, :].expand(k, n, weight.shape[1])
+                owned = False
+            else:
+                g = (g.reshape(-1, weight.shape[0]) @ weight).reshape(k, *step.input_shape)
+                owned = True
+            basis = False
+        elif step.kind == "reshape":
+            basis = basis and tuple(step.input_shape) == tuple(g.shape[1:])
+            g = g.reshape(k, *step.input_shape)
+        else:
+            basis = False
+            y = step.output
+            derivative = y > 0 if step.kind == "relu" else 1 - y * y if step.kind == "tanh" else y * (1 - y)
+            g = g.mul_(derivative) if owned else g * derivative
+            owned = True
+    assert all(t is not None for t in found)
+    return found  # type: ignore[return-value]
+
+
+def chain_cotangent_chunks(steps: list[Step], num_uses: int, n: int, num_outputs: int, chunk: int) -> Iterator[list[torch.Tensor]]:
+    """Like :func:`.capture.per_output_cotangents`: for consecutive chunks of outputs, each
+    use's cotangents as (N, k, *output shape[1:])."""
+    for start in range(0, num_outputs, chunk):
+        stop = min(start + chunk, num_outputs)
+        yield [g.movedim(0, 1) for g in chain_cotangents(steps, num_uses, n, start, stop)]

@@ -1,0 +1,73 @@
+"""Chains of dense layers and activations: cotangents without autograd, the same as autograd's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastntk
+from cases import CASES_BY_NAME
+from conftest import assert_kernel_close
+from fastntk._functional import FunctionalModel
+from fastntk.methods import StructuredMethod
+from fastntk.methods.structured import chain as chain_module
+from fastntk.methods.structured.capture import capture, per_output_cotangents
+from fastntk.methods.structured.chain import chain_cotangent_chunks
+
+CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp"]
+NOT_CHAINS = ["tutorial_cnn", "residual", "layernorm_gelu", "transformer", "inplace_relu", "sequence_long", "tied", "multidim_output", "tuple_output"]
+
+
+def captured(case: str, n: int = 4):
+    c = CASES_BY_NAME[case]
+    f = FunctionalModel.build(c.build(torch.float64))
+    return capture(f, c.draw(n, torch.float64))
+
+
+@pytest.mark.parametrize("case", CHAINS + NOT_CHAINS)
+def test_chains_are_recognised(case: str) -> None:
+    assert (captured(case).chain is not None) is (case in CHAINS)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 100])
+@pytest.mark.parametrize("case", CHAINS)
+def test_chain_cotangents_are_autograds(case: str, chunk: int) -> None:
+    observed = captured(case)
+    n, o = observed.outputs.shape
+    assert observed.chain is not None
+    tensors = [use.output for use in observed.uses]
+    expected = per_output_cotangents(observed.outputs, tensors, chunk, retain_graph=True)
+    mine = chain_cotangent_chunks(observed.chain, len(observed.uses), n, o, min(chunk, o))
+    for want, got in zip(expected, mine, strict=True):
+        for a, b in zip(want, got, strict=True):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_chain_models_record_no_graph_after_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = CASES_BY_NAME["chain_mlp"]
+    method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), "full", 3)
+    method.calibrate(c.draw(4, torch.float64))
+    assert method.calibration.chain
+
+    def no_autograd(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("autograd was used")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_autograd)
+    factors = method.left(c.draw(5, torch.float64, seed=3))
+    assert all(not getattr(f, "cotangents", torch.zeros(())).requires_grad for f in factors.values())
+
+
+def test_wrong_chain_is_caught_by_the_gradient_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should the chain's cotangents be wrong, calibration leaves the model to autograd: still exact."""
+    original = chain_module.chain_cotangents
+    monkeypatch.setattr(chain_module, "chain_cotangents", lambda *a: [2 * g for g in original(*a)])
+    c = CASES_BY_NAME["mlp"]
+    model = c.build(torch.float64)
+    x1, x2 = c.draw(4, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
+    method = StructuredMethod(FunctionalModel.build(model), "full", 3)
+    method.calibrate(x1)
+    assert method.calibration.chain is False
+    assert method.fallback == []  # still structured, from autograd's cotangents
+    kernel = fastntk.ntk(model, x1, x2, mode="full", method="structured")
+    assert_kernel_close(kernel, fastntk.reference_ntk(model, x1, x2, mode="full"), torch.float64)
