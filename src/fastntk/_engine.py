@@ -122,6 +122,9 @@ def compute_kernel(
         return cache[j]
 
     left: tuple[int, Any] | None = None
+    if not symmetric and len(pairs) == 1:  # one block pair: the method may compute both sides at once
+        left_factors, cache[0] = method.left_and_right(x1, other)
+        left = (0, left_factors)
     # a bar only when asked for (tqdm's first bar starts a monitor thread: milliseconds)
     shown = progress and len(pairs) > 1
     with (tqdm(total=len(pairs), desc="kernel blocks", unit="block", delay=2.0) if shown else contextlib.nullcontext()) as bar:

@@ -71,3 +71,30 @@ def test_wrong_chain_is_caught_by_the_gradient_check(monkeypatch: pytest.MonkeyP
     assert method.fallback == []  # still structured, from autograd's cotangents
     kernel = fastntk.ntk(model, x1, x2, mode="full", method="structured")
     assert_kernel_close(kernel, fastntk.reference_ntk(model, x1, x2, mode="full"), torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_later_calls_run_one_forward_pass_over_both_inputs(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once calibrated, a chain model's K(x1, x2) of one block pair comes from one forward pass
+    over x1 and x2 together, each side's factors from its own rows: the same kernel."""
+    from fastntk.methods.structured import method as structured
+
+    sizes: list[int] = []
+    original = structured.capture
+
+    def counting(f, x, *args, **kwargs):  # noqa: ANN001, ANN202
+        sizes.append(x.shape[0])
+        return original(f, x, *args, **kwargs)
+
+    monkeypatch.setattr(structured, "capture", counting)
+    c = CASES_BY_NAME["chain_mlp"]
+    model = c.build(torch.float64)
+    x1, x2 = c.draw(4, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
+    fn = fastntk.ntk_fn(model, mode=mode, method="structured")
+    first = fn(x1, x2)
+    sizes.clear()
+    again = fn(x1, x2)
+    assert sizes == [7]
+    expected = fastntk.reference_ntk(model, x1, x2, mode=mode)
+    assert_kernel_close(first, expected, torch.float64)
+    assert_kernel_close(again, expected, torch.float64)

@@ -49,6 +49,11 @@ class KernelMethod(ABC):
         """Factors of a block of x2 (by default the same as ``left``)."""
         return self.left(x)
 
+    def left_and_right(self, x1: Batch, x2: Batch) -> tuple[Any, Any]:
+        """Factors of a block of x1 and of a block of x2, for a kernel of one block pair (a
+        method may compute both in one pass)."""
+        return self.left(x1), self.right(x2)
+
     @abstractmethod
     def contract(self, left: Any, right: Any) -> torch.Tensor:
         """The kernel block between the samples of ``left`` and ``right``, shaped per ``mode``."""

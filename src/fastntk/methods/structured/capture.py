@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from ..._functional import FunctionalModel, Params
 from ..._inputs import Batch, batch_size
-from .chain import Call, Step, chain_of
+from .chain import Call, Step, chain_of, samples_of_steps
 from .flops import CONVOLUTIONS, op_flops
 from .rules import RULES, Rule
 from .rules.base import Roles, Saved
@@ -62,6 +62,22 @@ class Capture:
     """Whether the recorded outputs are copies (the model writes over some of them in place)."""
     chain: list[Step] | None = None
     """The model as one chain of dense layers and activations, when it is one (see :mod:`.chain`)."""
+
+
+def samples_of(observed: Capture, start: int, stop: int) -> Capture:
+    """Samples start..stop-1 of a captured chain block (what a chain's backward pass reads:
+    outputs, the uses' saved inputs and outputs, the chain's links), as a capture of its own."""
+    assert observed.chain is not None
+    n = observed.outputs.shape[0]
+
+    def rows(value: Any) -> Any:
+        return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else value
+
+    uses = [Use(u.rule, u.roles, {key: rows(v) for key, v in u.saved.items()}, rows(u.output), []) for u in observed.uses]
+    return Capture(
+        observed.primals, rows(observed.outputs), uses, observed.unstructured, observed.flops, observed.matmul_flops,
+        observed.cloned, samples_of_steps(observed.chain, start, stop),
+    )
 
 
 def batch_first(call: dict[str, Any], output: torch.Tensor, n: int) -> bool:

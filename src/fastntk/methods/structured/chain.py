@@ -159,3 +159,11 @@ def chain_cotangent_chunks(steps: list[Step], num_uses: int, n: int, num_outputs
     for start in range(0, num_outputs, chunk):
         stop = min(start + chunk, num_outputs)
         yield [g.movedim(0, 1) for g in chain_cotangents(steps, num_uses, n, start, stop)]
+
+
+def samples_of_steps(steps: list[Step], start: int, stop: int) -> list[Step]:
+    """The chain of samples start..stop-1 of a block (the weights are shared)."""
+    return [
+        Step(s.kind, torch.Size((stop - start, *s.input_shape[1:])), s.output[start:stop], s.weight, s.use, s.version)
+        for s in steps
+    ]

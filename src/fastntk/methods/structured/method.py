@@ -19,11 +19,11 @@ import torch
 from ..._checks import tolerance
 from ..._gemm import fast_matmuls
 from ..._errors import ModelError
-from ..._inputs import Batch, same_batch, take
+from ..._inputs import Batch, batch_size, concat, same_batch, take
 from ..._modes import block_shape
 from ..base import KernelMethod
 from ..jacobian import flat_jacobian, jacobian_bytes, per_sample_jacobians
-from .capture import Capture, Use, capture, per_output_cotangents
+from .capture import Capture, Use, capture, per_output_cotangents, samples_of
 from .chain import chain_cotangent_chunks
 from .factors import Factor, JacobianFactor, PairFactor
 from .rules.base import Roles
@@ -259,6 +259,24 @@ class StructuredMethod(KernelMethod):
                 "control flow), so the structured method cannot pair its factors; use method='jacobian'"
             )
         return self.with_fallback(factors, x)
+
+    def left_and_right(self, x1: Batch, x2: Batch) -> tuple[Factors, Factors]:
+        """For a chain model: one forward pass over x1 and x2 together (taller GEMMs, one pass's
+        overhead), then each side's cotangents and factors from its own rows."""
+        layout = self.calibration
+        if self.kept is not None or layout is None or not layout.chain:
+            return super().left_and_right(x1, x2)
+        n1 = batch_size(x1)
+        with fast_matmuls(layout.matmul_heavy):
+            observed = capture(self.f, concat([x1, x2]), layout.clone_outputs, graph=False)
+        if observed.chain is None or (observed.unstructured & set(self.f.primals)) - set(self.fallback):
+            return super().left_and_right(x1, x2)
+        sides = []
+        for x, (start, stop) in ((x1, (0, n1)), (x2, (n1, n1 + batch_size(x2)))):
+            part = samples_of(observed, start, stop)
+            factors, _ = self.factors_of(part, layout.output_chunk(stop - start, part.outputs.shape[1]), fast=layout.matmul_heavy, chain=True)
+            sides.append(self.with_fallback(factors, x))
+        return sides[0], sides[1]
 
     def autograd_factors(self, observed: Capture, chunk: int, heavy: bool) -> tuple[Factors, set[str]]:
         """:meth:`factors_of` by autograd, learning on the first vmapped backward whether it can be."""
