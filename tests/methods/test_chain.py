@@ -29,19 +29,22 @@ def test_chains_are_recognised(case: str) -> None:
     assert (captured(case).chain is not None) is (case in CHAINS)
 
 
+@pytest.mark.parametrize("sample_major", [False, True])
 @pytest.mark.parametrize("chunk", [1, 2, 100])
 @pytest.mark.parametrize("case", CHAINS)
-def test_chain_cotangents_are_autograds(case: str, chunk: int) -> None:
+def test_chain_cotangents_are_autograds(case: str, chunk: int, sample_major: bool) -> None:
     observed = captured(case)
     n, o = observed.outputs.shape
     assert observed.chain is not None
     tensors = [use.output for use in observed.uses]
     expected = per_output_cotangents(observed.outputs, tensors, chunk, retain_graph=True)
-    mine = chain_cotangent_chunks(observed.chain, len(observed.uses), n, o, min(chunk, o))
+    mine = chain_cotangent_chunks(observed.chain, len(observed.uses), n, o, min(chunk, o), sample_major)
     for want, got in zip(expected, mine, strict=True):
         for a, b in zip(want, got, strict=True):
             assert a.shape == b.shape
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+            if b.stride(0) != 0 and b.shape[1] > 1:  # stored as asked (broadcast rows excepted)
+                assert b.is_contiguous() is sample_major
 
 
 def test_chain_models_record_no_graph_after_calibration(monkeypatch: pytest.MonkeyPatch) -> None:

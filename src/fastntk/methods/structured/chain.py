@@ -110,17 +110,31 @@ def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[St
     uses = {step.use for step in steps if step.use is not None}
     if current is not outputs or uses != set(range(num_uses)):
         return None
+    n = outputs.shape[0]
+    if any(step.input_shape[:1] != (n,) or step.output.shape[:1] != (n,) for step in steps):
+        return None  # a reshape across samples
     if any(step.output._version != step.version for step in steps if step.kind in ("relu", "tanh", "sigmoid")):
         return None  # an in-place op wrote over an activation the backward pass reads
     return steps
 
 
-def chain_cotangents(steps: list[Step], num_uses: int, n: int, start: int, stop: int) -> list[torch.Tensor]:
-    """For outputs start..stop-1: each use's cotangents (k, N, *output shape[1:]), by the chain rule."""
+def chain_cotangents(steps: list[Step], num_uses: int, n: int, start: int, stop: int, sample_major: bool = False) -> list[torch.Tensor]:
+    """For outputs start..stop-1: each use's cotangents by the chain rule, stored (k, N, ...)
+    output by output, or (N, k, ...) sample by sample with ``sample_major`` (the GEMM rows
+    can come in either order, so either layout costs nothing to make)."""
     k = stop - start
     outputs = steps[-1].output
+
+    def laid_out(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """t, of k outputs and samples of ``shape`` (N, ...), in this call's layout."""
+        return t.reshape(shape[0], k, *shape[1:]) if sample_major else t.reshape(k, *shape)
+
+    def rows(w: torch.Tensor) -> torch.Tensor:
+        """w[a] for each sample: (k, m) rows broadcast over the N samples, in this call's layout."""
+        return w[start:stop][None].expand(n, k, w.shape[1]) if sample_major else w[start:stop, None, :].expand(k, n, w.shape[1])
+
     eye = torch.eye(outputs.shape[1], dtype=outputs.dtype, device=outputs.device)
-    g: torch.Tensor = eye[start:stop, None, :].expand(k, n, outputs.shape[1])
+    g, shape = rows(eye), tuple(outputs.shape)
     basis = True  # g is still the outputs' basis (then a dense layer's cotangents are rows of W)
     owned = False  # whether g may be written in place
     found: list[torch.Tensor | None] = [None] * num_uses
@@ -133,32 +147,35 @@ def chain_cotangents(steps: list[Step], num_uses: int, n: int, start: int, stop:
                 break
             weight = step.weight
             assert weight is not None
-            if basis and step.output.dim() == 2:
-                g = weight[start:stop, None, :].expand(k, n, weight.shape[1])
-                owned = False
+            if basis and len(shape) == 2:
+                g, owned = rows(weight), False
             else:
-                g = (g.reshape(-1, weight.shape[0]) @ weight).reshape(k, *step.input_shape)
-                owned = True
+                g, owned = laid_out(g.reshape(-1, weight.shape[0]) @ weight, tuple(step.input_shape)), True
             basis = False
         elif step.kind == "reshape":
-            basis = basis and tuple(step.input_shape) == tuple(g.shape[1:])
-            g = g.reshape(k, *step.input_shape)
+            basis = basis and tuple(step.input_shape) == shape
+            g = laid_out(g, tuple(step.input_shape))
         else:
             basis = False
             y = step.output
             derivative = y > 0 if step.kind == "relu" else 1 - y * y if step.kind == "tanh" else y * (1 - y)
-            g = g.mul_(derivative) if owned else g * derivative
-            owned = True
+            if sample_major:
+                derivative = derivative.unsqueeze(1)
+            g, owned = g.mul_(derivative) if owned else g * derivative, True
+        shape = tuple(step.input_shape)
     assert all(t is not None for t in found)
     return found  # type: ignore[return-value]
 
 
-def chain_cotangent_chunks(steps: list[Step], num_uses: int, n: int, num_outputs: int, chunk: int) -> Iterator[list[torch.Tensor]]:
+def chain_cotangent_chunks(
+    steps: list[Step], num_uses: int, n: int, num_outputs: int, chunk: int, sample_major: bool = False
+) -> Iterator[list[torch.Tensor]]:
     """Like :func:`.capture.per_output_cotangents`: for consecutive chunks of outputs, each
-    use's cotangents as (N, k, *output shape[1:])."""
+    use's cotangents as (N, k, *output shape[1:]), stored output- or sample-major."""
     for start in range(0, num_outputs, chunk):
         stop = min(start + chunk, num_outputs)
-        yield [g.movedim(0, 1) for g in chain_cotangents(steps, num_uses, n, start, stop)]
+        found = chain_cotangents(steps, num_uses, n, start, stop, sample_major)
+        yield found if sample_major else [g.movedim(0, 1) for g in found]
 
 
 def samples_of_steps(steps: list[Step], start: int, stop: int) -> list[Step]:

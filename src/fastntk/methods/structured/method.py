@@ -217,7 +217,7 @@ class StructuredMethod(KernelMethod):
         n, o = observed.outputs.shape
         if chain:
             assert observed.chain is not None
-            chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk)
+            chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk, sample_major=self.mode == "trace")
         else:
             chunks = per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph)
         with fast_matmuls(fast):
