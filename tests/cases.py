@@ -202,6 +202,18 @@ class SharedLinear(nn.Module):
         return self.head(self.scale * self.fc(torch.tanh(self.fc(x))))
 
 
+class SharedChain(nn.Module):
+    """One Linear applied twice in a chain (its two uses merge), then a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.relu(self.shared(x)))))
+
+
 class SequenceLinear(nn.Module):
     """Linear layers over (N, S, 8) sequences: the structured rule picks its form by S."""
 
@@ -232,6 +244,7 @@ STRUCTURED_CASES: list[Case] = [
         lambda: nn.Sequential(nn.Flatten(), nn.Linear(6, 7), nn.ReLU(inplace=True), nn.Linear(7, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)),
         normal(2, 3),
     ),
+    Case("chain_shared", SharedChain, normal(5)),
     Case(  # in-place ops write over the outputs of the layers the structured method records
         "inplace_relu",
         lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 3 * 3, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)),

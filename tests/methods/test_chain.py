@@ -14,7 +14,7 @@ from fastntk.methods.structured import chain as chain_module
 from fastntk.methods.structured.capture import capture, per_output_cotangents
 from fastntk.methods.structured.chain import chain_cotangent_chunks
 
-CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp"]
+CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp", "chain_shared"]
 NOT_CHAINS = ["tutorial_cnn", "residual", "layernorm_gelu", "transformer", "inplace_relu", "sequence_long", "tied", "multidim_output", "tuple_output"]
 
 
@@ -101,3 +101,30 @@ def test_later_calls_run_one_forward_pass_over_both_inputs(mode: str, monkeypatc
     expected = fastntk.reference_ntk(model, x1, x2, mode=mode)
     assert_kernel_close(first, expected, torch.float64)
     assert_kernel_close(again, expected, torch.float64)
+
+
+@pytest.mark.parametrize(("mode", "compact"), [("trace", True), ("full", False), ("diagonal", False)])
+def test_layer_before_the_dense_output_layer_keeps_compact_cotangents_in_trace_mode(mode: str, compact: bool) -> None:
+    """Its cotangents are derivative[n] ⊙ rows[a]: in trace mode kept as such (N·e + O·e numbers,
+    an O times cheaper contraction), in the other modes formed."""
+    from fastntk.methods.structured.factors import RowsPairFactor
+
+    c = CASES_BY_NAME["mlp"]  # Linear(6,16) ReLU Linear(16,16) ReLU Linear(16,3)
+    method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), mode, 3)
+    factors = method.left(c.draw(4, torch.float64))
+    assert isinstance(factors[("2.weight", "2.bias")], RowsPairFactor) is compact
+    assert not any(isinstance(f, RowsPairFactor) for group, f in factors.items() if group != ("2.weight", "2.bias"))
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_compact_factor_contracts_like_its_formed_self(mode: str) -> None:
+    from fastntk.methods.structured.factors import RowsPairFactor
+
+    gen = torch.Generator().manual_seed(0)
+    keys1, keys2 = torch.randn(4, 1, 6, generator=gen, dtype=torch.float64), torch.randn(3, 1, 6, generator=gen, dtype=torch.float64)
+    derivative1, derivative2 = torch.rand(4, 5, generator=gen, dtype=torch.float64), torch.rand(3, 5, generator=gen, dtype=torch.float64)
+    rows = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    a, b = RowsPairFactor(keys1, derivative1, rows, True), RowsPairFactor(keys2, derivative2, rows, True)
+    expected = a.materialized().contract(b.materialized(), mode)
+    for left, right in ((a, b), (a, b.materialized()), (a.materialized(), b)):
+        torch.testing.assert_close(left.contract(right, mode), expected, rtol=1e-12, atol=1e-12)

@@ -118,10 +118,25 @@ def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[St
     return steps
 
 
-def chain_cotangents(steps: list[Step], num_uses: int, n: int, start: int, stop: int, sample_major: bool = False) -> list[torch.Tensor]:
+@dataclass
+class RowsCotangents:
+    """Cotangents (N, k, e) that are derivative[n] ⊙ rows[a]: a dense layer's, when it feeds an
+    activation and then the dense output layer (rows: that layer's weight rows)."""
+
+    derivative: torch.Tensor
+    rows: torch.Tensor
+
+    def formed(self) -> torch.Tensor:
+        return self.derivative[:, None, :] * self.rows[None]
+
+
+def chain_cotangents(
+    steps: list[Step], num_uses: int, n: int, start: int, stop: int, sample_major: bool = False, keep_rows: bool = False
+) -> list[torch.Tensor | RowsCotangents]:
     """For outputs start..stop-1: each use's cotangents by the chain rule, stored (k, N, ...)
     output by output, or (N, k, ...) sample by sample with ``sample_major`` (the GEMM rows
-    can come in either order, so either layout costs nothing to make)."""
+    can come in either order, so either layout costs nothing to make). With ``keep_rows``,
+    cotangents of the form derivative ⊙ rows come as :class:`RowsCotangents`."""
     k = stop - start
     outputs = steps[-1].output
 
@@ -137,45 +152,50 @@ def chain_cotangents(steps: list[Step], num_uses: int, n: int, start: int, stop:
     g, shape = rows(eye), tuple(outputs.shape)
     basis = True  # g is still the outputs' basis (then a dense layer's cotangents are rows of W)
     owned = False  # whether g may be written in place
-    found: list[torch.Tensor | None] = [None] * num_uses
+    weight_rows: torch.Tensor | None = None  # g is these rows of a weight, broadcast over the samples
+    structured: RowsCotangents | None = None  # g is derivative ⊙ rows
+    found: list[torch.Tensor | RowsCotangents | None] = [None] * num_uses
     for i in range(len(steps) - 1, -1, -1):
         step = steps[i]
         if step.kind == "linear":
             if step.use is not None:
-                found[step.use] = g
+                found[step.use] = structured if keep_rows and structured is not None else g
             if i == 0:
                 break
             weight = step.weight
             assert weight is not None
             if basis and len(shape) == 2:
-                g, owned = rows(weight), False
+                g, owned, weight_rows = rows(weight), False, weight[start:stop]
             else:
-                g, owned = laid_out(g.reshape(-1, weight.shape[0]) @ weight, tuple(step.input_shape)), True
-            basis = False
+                g, owned, weight_rows = laid_out(g.reshape(-1, weight.shape[0]) @ weight, tuple(step.input_shape)), True, None
+            basis, structured = False, None
         elif step.kind == "reshape":
             basis = basis and tuple(step.input_shape) == shape
-            g = laid_out(g, tuple(step.input_shape))
+            g, structured = laid_out(g, tuple(step.input_shape)), None
+            weight_rows = weight_rows if tuple(step.input_shape) == shape else None
         else:
             basis = False
             y = step.output
             derivative = y > 0 if step.kind == "relu" else 1 - y * y if step.kind == "tanh" else y * (1 - y)
-            if sample_major:
-                derivative = derivative.unsqueeze(1)
-            g, owned = g.mul_(derivative) if owned else g * derivative, True
+            structured = None if weight_rows is None or len(shape) != 2 else RowsCotangents(derivative.to(y.dtype), weight_rows)
+            weight_rows = None
+            d = derivative.unsqueeze(1) if sample_major else derivative
+            g, owned = (g.mul_(d) if owned else g * d), True
         shape = tuple(step.input_shape)
     assert all(t is not None for t in found)
     return found  # type: ignore[return-value]
 
 
 def chain_cotangent_chunks(
-    steps: list[Step], num_uses: int, n: int, num_outputs: int, chunk: int, sample_major: bool = False
-) -> Iterator[list[torch.Tensor]]:
+    steps: list[Step], num_uses: int, n: int, num_outputs: int, chunk: int, sample_major: bool = False, keep_rows: bool = False
+) -> Iterator[list[torch.Tensor | RowsCotangents]]:
     """Like :func:`.capture.per_output_cotangents`: for consecutive chunks of outputs, each
-    use's cotangents as (N, k, *output shape[1:]), stored output- or sample-major."""
+    use's cotangents as (N, k, *output shape[1:]), stored output- or sample-major (or as
+    :class:`RowsCotangents` with ``keep_rows``)."""
     for start in range(0, num_outputs, chunk):
         stop = min(start + chunk, num_outputs)
-        found = chain_cotangents(steps, num_uses, n, start, stop, sample_major)
-        yield found if sample_major else [g.movedim(0, 1) for g in found]
+        found = chain_cotangents(steps, num_uses, n, start, stop, sample_major, keep_rows)
+        yield [g if sample_major or isinstance(g, RowsCotangents) else g.movedim(0, 1) for g in found]
 
 
 def samples_of_steps(steps: list[Step], start: int, stop: int) -> list[Step]:

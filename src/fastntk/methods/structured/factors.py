@@ -11,6 +11,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,7 +45,9 @@ class JacobianFactor:
         """Σ_{n,a} weights[n, a] J[n, a] over the first K samples (weights (K, O)): the gradient
         these factors imply, per parameter flattened."""
         jacobian = self.jacobian[: weights.shape[0]]
-        return list(torch.einsum("na,nap->p", weights, jacobian).split([shape.numel() for shape in shapes]))
+        gradient = torch.einsum("na,nap->p", weights, jacobian)
+        starts = [0, *itertools.accumulate(shape.numel() for shape in shapes)]
+        return [gradient.narrow(0, start, stop - start) for start, stop in zip(starts, starts[1:])]  # views one may write
 
     @staticmethod
     def stack_outputs(parts: list["JacobianFactor"]) -> "JacobianFactor":
@@ -146,7 +149,9 @@ class PairFactor:
             parts.append(g.sum((0, 1)))
         return parts
 
-    def contract(self, other: "PairFactor", mode: Mode) -> torch.Tensor:
+    def contract(self, other: "Factor", mode: Mode) -> torch.Tensor:
+        other = as_pair(other)
+        assert isinstance(other, PairFactor)
         n1, o, s1, e = self.cotangents.shape
         n2, _, s2, _ = other.cotangents.shape
         x = self.key_gram(other)  # (N1, N2, S1, S2)
@@ -166,4 +171,58 @@ class PairFactor:
         return torch.einsum("nsmta,nmst->nma", cot, x)
 
 
-Factor = JacobianFactor | PairFactor
+@dataclass
+class RowsPairFactor:
+    """A dense layer whose output cotangents are g[n, a] = derivative[n] ⊙ rows[a]: the layer
+    feeding an elementwise activation and then the model's dense output layer (rows = that
+    layer's weight rows, derivative = the activation's, per sample). Stored as keys (N, 1, d),
+    derivative (N, e) and rows (O, e) instead of N·O·e cotangents; in trace mode
+    Σ_a ⟨g[n, a], g'[m, a]⟩ = Σ_k derivative[n, k] derivative'[m, k] Σ_a rows[a, k]², one
+    N1×e×N2 GEMM instead of an O times larger one. Other modes use the cotangents themselves.
+    """
+
+    keys: torch.Tensor
+    derivative: torch.Tensor
+    rows: torch.Tensor
+    plus_one: bool
+
+    def materialized(self) -> PairFactor:
+        """The same factor with its cotangents (N, O, 1, e) formed."""
+        g = self.derivative[:, None, None, :] * self.rows[None, :, None, :]
+        return PairFactor(self.keys, g, "dot", self.plus_one)
+
+    def contract(self, other: "Factor", mode: Mode) -> torch.Tensor:
+        if mode != "trace" or not isinstance(other, RowsPairFactor):
+            return self.materialized().contract(as_pair(other), mode)
+        assert self.rows.shape == other.rows.shape  # the output layer's rows, on both sides
+        x = dot_gram(self.keys, other.keys).reshape(self.keys.shape[0], other.keys.shape[0])
+        weights = self.rows.square().sum(0)  # Σ_a rows[a, k]²
+        product = (self.derivative * weights) @ other.derivative.T
+        return product.mul_(x + 1 if self.plus_one else x)
+
+    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+        k = weights.shape[0]  # only these samples' cotangents are formed
+        return RowsPairFactor(self.keys[:k], self.derivative[:k], self.rows, self.plus_one).materialized().gradient(weights, shapes)
+
+    @staticmethod
+    def stack_outputs(parts: list["RowsPairFactor"]) -> "RowsPairFactor":
+        """The factor of all outputs from factors of consecutive output slices (same derivative)."""
+        first = parts[0]
+        return RowsPairFactor(first.keys, first.derivative, torch.cat([p.rows for p in parts]), first.plus_one)
+
+    def nbytes(self) -> int:
+        """Bytes that grow with the samples (the O×e rows are the output layer's, shared)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.derivative))
+
+    def pair_flops(self, mode: Mode) -> float:
+        if mode != "trace":
+            return self.materialized().pair_flops(mode)
+        return 2.0 * (self.keys.shape[-1] + self.derivative.shape[-1])
+
+
+def as_pair(factor: "Factor") -> "Factor":
+    """A factor in its general form (a RowsPairFactor with its cotangents formed)."""
+    return factor.materialized() if isinstance(factor, RowsPairFactor) else factor
+
+
+Factor = JacobianFactor | PairFactor | RowsPairFactor

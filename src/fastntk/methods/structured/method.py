@@ -24,15 +24,17 @@ from ..._modes import block_shape
 from ..base import KernelMethod
 from ..jacobian import flat_jacobian, jacobian_bytes, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents, samples_of
-from .chain import chain_cotangent_chunks
-from .factors import Factor, JacobianFactor, PairFactor
+from .chain import RowsCotangents, chain_cotangent_chunks
+from .factors import Factor, JacobianFactor, PairFactor, RowsPairFactor, as_pair
 from .rules.base import Roles
 
 Factors = dict[tuple[str, ...], Factor]
 
 
 def mergeable(a: Factor, b: Factor) -> bool:
-    """Whether two uses' factors of one parameter group can be combined exactly."""
+    """Whether two uses' factors of one parameter group can be combined exactly (in their
+    general form, see :func:`as_pair`)."""
+    a, b = as_pair(a), as_pair(b)
     if isinstance(a, JacobianFactor) and isinstance(b, JacobianFactor):
         return a.jacobian.shape == b.jacobian.shape
     if isinstance(a, PairFactor) and isinstance(b, PairFactor):
@@ -113,25 +115,35 @@ class StructuredMethod(KernelMethod):
 
         Each covered use's rule sizes its factors from shapes (``Rule.factor_bytes``); one
         output's cotangents come on top, and the Jacobian rows of the parameters no rule
-        covers. Calibration can still send groups to the fallback (conflicting uses of a
-        shared parameter, a failed gradient check); the engine then re-sizes its blocks.
+        covers. A chain model (:mod:`.chain`) has its factors of these few samples computed
+        instead, no autograd needed (some are compact, see ``RowsPairFactor``). Calibration
+        can still send groups to the fallback (conflicting uses of a shared parameter, a
+        failed gradient check); the engine then re-sizes its blocks.
         """
         observed = capture(self.f, x, graph=False)
         n, o = observed.outputs.shape
         sizes = {name: p.numel() for name, p in self.f.primals.items()}
-        total = sum(  # for all n samples
-            use.rule.factor_bytes(use.saved, use.output, part, sizes, self.mode, o)
-            for use, roles in zip(observed.uses, roles_by_use(observed.uses))
-            for part in roles
-        )
+        if observed.chain is not None and self.chain_allowed:
+            factors, _ = self.factors_of(observed, chunk=o, chain=True)
+            total = sum(f.nbytes() for f in factors.values())
+        else:
+            total = sum(  # for all n samples
+                use.rule.factor_bytes(use.saved, use.output, part, sizes, self.mode, o)
+                for use, roles in zip(observed.uses, roles_by_use(observed.uses))
+                for part in roles
+            )
         fallback = sorted(observed.unstructured & set(self.f.primals))
         self.size_estimate = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
 
-    def use_factors(self, use: Use, cotangents: torch.Tensor, roles: list[Roles], num_outputs: int) -> Factors:
-        """One use's factors from its cotangents (N, K, *output shape[1:])."""
+    def use_factors(self, use: Use, cotangents: torch.Tensor | RowsCotangents, roles: list[Roles], num_outputs: int) -> Factors:
+        """One use's factors from its cotangents (N, K, *output shape[1:]), or from compact ones."""
         factors: Factors = {}
         for part in roles:
-            factors.update(use.rule.factors(use.saved, cotangents, part, self.mode, num_outputs))
+            compact = use.rule.rows_factors(use.saved, cotangents, part, self.mode, num_outputs) if isinstance(cotangents, RowsCotangents) else None
+            if compact is None:
+                formed = cotangents.formed() if isinstance(cotangents, RowsCotangents) else cotangents
+                compact = use.rule.factors(use.saved, formed, part, self.mode, num_outputs)
+            factors.update(compact)
         return factors
 
     def calibrate(self, x: Batch, keep: bool = False) -> None:
@@ -181,7 +193,7 @@ class StructuredMethod(KernelMethod):
             claimed = factor.gradient(weights, [observed.primals[name].shape for name in group])
             expected = [true_by_name[name].reshape(-1) for name in group]
             if [c.shape for c in claimed] != [e.shape for e in expected] or any(
-                (c - e).abs_().max().item() > tol for c, e in zip(claimed, expected) if c.numel()
+                c.sub_(e).abs_().max().item() > tol for c, e in zip(claimed, expected) if c.numel()  # c is ours to overwrite
             ):
                 rejected.update(group)
         if chain and rejected:  # the chain's cotangents disagree with autograd's: leave it to autograd
@@ -197,7 +209,7 @@ class StructuredMethod(KernelMethod):
             tuple(fallback_names),
             bytes_,
             {group: f.pair_flops(self.mode) for group, f in structured.items()},
-            {group: "pair" if isinstance(f, PairFactor) else "jacobian" for group, f in structured.items()},
+            {group: "jacobian" if isinstance(f, JacobianFactor) else "pair" for group, f in structured.items()},
             observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & set(names)),
             batched,
             per_direction,
@@ -217,7 +229,8 @@ class StructuredMethod(KernelMethod):
         n, o = observed.outputs.shape
         if chain:
             assert observed.chain is not None
-            chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk, sample_major=self.mode == "trace")
+            trace = self.mode == "trace"
+            chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk, sample_major=trace, keep_rows=trace)
         else:
             chunks = per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph)
         with fast_matmuls(fast):
@@ -376,7 +389,7 @@ def merge_uses(per_use: list[Factors]) -> tuple[Factors, set[str]]:
             if group not in merged:
                 merged[group] = factor
             elif mergeable(merged[group], factor):
-                merged[group] = merged[group].merge(factor)  # type: ignore[arg-type]
+                merged[group] = as_pair(merged[group]).merge(as_pair(factor))  # type: ignore[union-attr, arg-type]
             else:
                 conflicts.update(group)
     return {group: f for group, f in merged.items() if not conflicts & set(group)}, conflicts
@@ -386,4 +399,6 @@ def _samples(factors: Factors) -> int:
     factor = next(iter(factors.values()), None)
     if factor is None:
         return 0
+    if isinstance(factor, RowsPairFactor):
+        return factor.derivative.shape[0]
     return (factor.jacobian if isinstance(factor, JacobianFactor) else factor.cotangents).shape[0]

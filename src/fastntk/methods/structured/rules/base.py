@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from ...._modes import Mode
 from ..factors import Factor
+
+if TYPE_CHECKING:
+    from ..chain import RowsCotangents
 
 Saved = dict[str, Any]
 Roles = dict[str, str]
@@ -55,6 +58,11 @@ class Rule(ABC):
         """
         n = output.shape[0]
         return sum(n * num_outputs * sum(sizes[name] for name in group) for group in self.groups(roles)) * output.element_size()
+
+    def rows_factors(self, saved: Saved, cotangents: "RowsCotangents", roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor] | None:
+        """Factors from cotangents of the form derivative ⊙ rows kept compact, or None when
+        this rule has no such form (then the cotangents are formed and ``factors`` used)."""
+        return None
 
     @abstractmethod
     def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:

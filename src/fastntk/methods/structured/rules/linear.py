@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ...._modes import Mode
-from ..factors import Factor, JacobianFactor, PairFactor
+from ..chain import RowsCotangents
+from ..factors import Factor, JacobianFactor, PairFactor, RowsPairFactor
 from .base import Roles, Rule, Saved, position_sum
 
 
@@ -57,6 +58,15 @@ class LinearRule(Rule):
         if "weight" in roles and pair_is_cheaper(s, d, e, num_outputs, mode):  # keys and cotangents
             return keys.numel() * keys.element_size() + n * num_outputs * s * e * output.element_size()
         return super().factor_bytes(saved, output, roles, sizes, mode, num_outputs)
+
+    def rows_factors(self, saved: Saved, cotangents: RowsCotangents, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor] | None:
+        """Trace mode, one position: keys and the compact cotangents (:class:`RowsPairFactor`)."""
+        keys = saved["keys"]
+        weight, bias = roles.get("weight"), roles.get("bias")
+        if mode != "trace" or keys.shape[1] != 1 or weight is None:
+            return None
+        group = (weight,) if bias is None else (weight, bias)
+        return {group: RowsPairFactor(keys, cotangents.derivative, cotangents.rows, plus_one=bias is not None)}
 
     def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         keys = saved["keys"]
