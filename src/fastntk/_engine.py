@@ -60,7 +60,7 @@ def calibrate_on_first_block(method: KernelMethod, x1: Batch, x2: Batch | None, 
     if first < 2:
         method.calibrate(first_samples(x1, x2, 2))
         return block
-    method.calibrate(take(x1, 0, first), keep=True)
+    method.calibrate(take(x1, 0, first), keep=True, gram=symmetric and first == n1)
     calibrated = block if given else default_block(method, budget, n1, symmetric)
     if calibrated < block:
         method.kept = None
@@ -121,6 +121,9 @@ def compute_kernel(
             cache[j] = factors
         return cache[j]
 
+    if symmetric and len(pairs) == 1:  # one block: the method may contract factors as they come
+        out.copy_(method.gram(x1))
+        return out
     left: tuple[int, Any] | None = None
     if not symmetric and len(pairs) == 1:  # one block pair: the method may compute both sides at once
         left_factors, cache[0] = method.left_and_right(x1, other)

@@ -227,3 +227,35 @@ def test_backward_vmapped_over_outputs_only_where_it_pays() -> None:
     matmul = dataclasses.replace(calibrated("mlp").calibration, forward_flops=SMALL_PASSES)
     assert matmul.output_chunk(4, 2) == 2
     assert dataclasses.replace(matmul, batched_backward=False).output_chunk(4, 2) == 1
+
+
+@pytest.mark.parametrize("mode", ["trace", "diagonal", "full"])
+@pytest.mark.parametrize("case", ["tutorial_cnn", "conv2d_groups", "sequence_long", "tied", "chain_shared"])
+def test_gram_of_one_block_contracts_jacobians_as_they_come(case: str, mode: str) -> None:
+    """K(x, x) of one block: in trace and diagonal modes the per-sample Jacobians of single-use
+    groups are contracted output by output and not kept (their first samples stay for the
+    check); first call (calibration) and later calls agree with the reference."""
+    from fastntk.methods.structured.factors import JacobianFactor
+    from fastntk.methods.structured.method import CHECKED_SAMPLES
+
+    c = CASES_BY_NAME[case]
+    model = c.build(torch.float64)
+    x = c.draw(5, torch.float64)
+    fn = fastntk.ntk_fn(model, mode=mode, method="structured")
+    expected = fastntk.reference_ntk(model, x, mode=mode)
+    assert_kernel_close(fn(x), expected, torch.float64)
+    assert_kernel_close(fn(x), expected, torch.float64)
+    f = FunctionalModel.build(model)
+    with torch.no_grad():
+        outputs = f(f.primals, x).shape[1]
+    method = StructuredMethod(f, mode, outputs)
+    method.calibrate(x, keep=True, gram=True)
+    assert isinstance(method.kept[1], torch.Tensor) is (mode != "full")  # the kernel itself, or the factors
+    assert_kernel_close(method.gram(x), expected, torch.float64)
+    factors, streamed = method.block_factors(x, streaming=mode != "full")
+    assert (streamed is not None) is (mode != "full")
+    if streamed is not None:  # convolutions' and long sequences' Jacobians; none of tied uses or of pair factors
+        assert bool(streamed.nbytes) is (case in ("tutorial_cnn", "conv2d_groups", "sequence_long"))
+    for group, factor in factors.items():
+        if streamed is not None and group in streamed.nbytes:
+            assert isinstance(factor, JacobianFactor) and factor.jacobian.shape[0] == CHECKED_SAMPLES

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .._functional import FunctionalModel
+from .._gemm import fast_matmuls
 from .._inputs import Batch
 from .._modes import Mode
 
@@ -37,9 +38,10 @@ class KernelMethod(ABC):
     def estimate_size(self, x: Batch) -> None:
         """Look at a few samples before blocks are sized, when ``bytes_per_sample`` needs it."""
 
-    def calibrate(self, x: Batch, keep: bool = False) -> None:
+    def calibrate(self, x: Batch, keep: bool = False, gram: bool = False) -> None:
         """Learn what depends on the model (e.g. factor sizes) from the samples x. With
-        ``keep``, the method may keep what it computed for x to serve a later ``left(x)``."""
+        ``keep``, the method may keep what it computed for x to serve a later ``left(x)``
+        (with ``gram``, x being all of a Gram matrix's inputs, a later ``gram(x)``)."""
 
     @abstractmethod
     def left(self, x: Batch) -> Any:
@@ -48,6 +50,13 @@ class KernelMethod(ABC):
     def right(self, x: Batch) -> Any:
         """Factors of a block of x2 (by default the same as ``left``)."""
         return self.left(x)
+
+    def gram(self, x: Batch) -> torch.Tensor:
+        """K(x, x) of one block (a method may contract factors as they come, keeping fewer)."""
+        left = self.left(x)
+        right = left if self.symmetric_factors else self.right(x)
+        with fast_matmuls():
+            return self.contract(left, right)
 
     def left_and_right(self, x1: Batch, x2: Batch) -> tuple[Any, Any]:
         """Factors of a block of x1 and of a block of x2, for a kernel of one block pair (a

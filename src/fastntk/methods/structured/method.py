@@ -20,9 +20,9 @@ from ..._checks import tolerance
 from ..._gemm import fast_matmuls
 from ..._errors import ModelError
 from ..._inputs import Batch, batch_size, concat, same_batch, take
-from ..._modes import block_shape
+from ..._modes import Mode, block_shape
 from ..base import KernelMethod
-from ..jacobian import flat_jacobian, jacobian_bytes, per_sample_jacobians
+from ..jacobian import contract_jacobian_pair, flat_jacobian, jacobian_bytes, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents, samples_of
 from .chain import RowsCotangents, chain_cotangent_chunks
 from .factors import Factor, JacobianFactor, PairFactor, RowsPairFactor, as_pair
@@ -47,6 +47,38 @@ CHECKED_SAMPLES = 2
 
 CHUNK_BYTES = 16 * 2**20
 """Cotangents of several outputs are computed in one vmapped backward pass up to this size."""
+
+
+class GramStream:
+    """K(x, x) of one block in trace or diagonal mode, accumulated output chunk by output chunk
+    from the per-sample Jacobians of groups with one use, which then need not be kept (a
+    convolution's are N·O·p numbers). Only their first ``keep`` samples stay, for the check."""
+
+    def __init__(self, mode: Mode, n: int, num_outputs: int, streamable: set[int], keep: int, like: torch.Tensor) -> None:
+        self.mode, self.streamable, self.keep = mode, streamable, keep
+        self.kernel = torch.zeros(block_shape(mode, n, n, num_outputs), dtype=like.dtype, device=like.device)
+        self.nbytes: dict[tuple[str, ...], int] = {}
+        """Per streamed group, the bytes its factors would have taken."""
+
+    def take(self, use: int, part: Factors, start: int) -> Factors:
+        """Accumulate what can be streamed of one use's factors of outputs start, ...; return the rest
+        (and the streamed factors' first ``keep`` samples)."""
+        if use not in self.streamable:
+            return part
+        kept: Factors = {}
+        for group, factor in part.items():
+            if not isinstance(factor, JacobianFactor):
+                kept[group] = factor
+                continue
+            j = factor.jacobian
+            block = contract_jacobian_pair(j, j, self.mode)
+            if self.mode == "trace":
+                self.kernel += block
+            else:
+                self.kernel[:, :, start:start + j.shape[1]] += block
+            self.nbytes[group] = self.nbytes.get(group, 0) + factor.nbytes()
+            kept[group] = JacobianFactor(j[: self.keep].clone())  # a copy: the view would keep all of j
+        return kept
 
 
 @dataclass(frozen=True)
@@ -146,7 +178,7 @@ class StructuredMethod(KernelMethod):
             factors.update(compact)
         return factors
 
-    def calibrate(self, x: Batch, keep: bool = False) -> None:
+    def calibrate(self, x: Batch, keep: bool = False, gram: bool = False) -> None:
         """Fix which parameter groups are structured, checking each against autograd.
 
         The factors of x are computed; then, on the first CHECKED_SAMPLES samples of x, the
@@ -155,7 +187,9 @@ class StructuredMethod(KernelMethod):
         factors; a group that disagrees (an op used in a way its rule does not model,
         samples reordered inside the model, ...) goes to the Jacobian fallback. Also
         measures the factors' bytes per sample. With ``keep``, x's factors are kept for the
-        first ``left(x)``: calibrating on the first block costs only the check.
+        first ``left(x)``: calibrating on the first block costs only the check. With ``gram``
+        too (x is the whole of a Gram matrix's inputs), K(x, x) itself is kept for ``gram(x)``,
+        in trace and diagonal modes contracted as the factors come (:class:`GramStream`).
         """
         observed = capture(self.f, x)
         n, o = observed.outputs.shape
@@ -165,18 +199,24 @@ class StructuredMethod(KernelMethod):
         chunk = output_chunk(n, o, per_direction, heavy, observed.flops)
         batched: bool | None = None
         chain = observed.chain is not None and self.chain_allowed
+
+        def stream() -> GramStream | None:
+            return self.gram_stream(observed) if keep and gram else None
+
+        streamed = stream()
         if chain:
-            factors, conflicts = self.factors_of(observed, chunk=chunk, fast=heavy, chain=True)
+            factors, conflicts = self.factors_of(observed, chunk=chunk, fast=heavy, chain=True, stream=streamed)
         elif chunk > 1:  # learn whether the backward pass vmaps over outputs
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True, fast=heavy)
+                    factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True, fast=heavy, stream=streamed)
                     batched = not any("performance drop" in str(w.message) for w in caught)
                 except RuntimeError:  # an op whose backward cannot be vmapped over outputs
                     batched = False
         if not batched and not chain:
-            factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy)
+            streamed = stream()
+            factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy, stream=streamed)
         del observed.outputs  # free the graph before the check
         checked = min(n, CHECKED_SAMPLES)
         weights = torch.randn(checked, o, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -198,11 +238,12 @@ class StructuredMethod(KernelMethod):
                 rejected.update(group)
         if chain and rejected:  # the chain's cotangents disagree with autograd's: leave it to autograd
             self.chain_allowed = False
-            return self.calibrate(x, keep)
+            return self.calibrate(x, keep, gram)
         structured, fallback = split_fallback(factors, observed.unstructured | conflicts | rejected)
         fallback_names = sorted(fallback & set(names))
-        # kept: the factors; transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
-        bytes_ = sum(f.nbytes() for f in structured.values()) // n + per_direction
+        streamed_bytes = {} if streamed is None else streamed.nbytes
+        # kept: the factors (streamed or not); transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
+        bytes_ = sum(streamed_bytes.get(g, f.nbytes()) for g, f in structured.items()) // n + per_direction
         bytes_ += jacobian_bytes(self.f, o, fallback_names)
         self.calibration = Layout(
             frozenset(structured),
@@ -217,12 +258,35 @@ class StructuredMethod(KernelMethod):
             observed.cloned,
             chain,
         )
-        self.kept = (x, structured) if keep else None
+        self.kept = None
+        if keep and streamed is None:
+            self.kept = (x, structured)
+        elif keep and streamed is not None and set(streamed.nbytes) <= set(structured):  # no streamed group rejected
+            self.kept = (x, self.gram_from(streamed, structured, x))
 
-    def factors_of(self, observed: Capture, chunk: int, retain_graph: bool = False, fast: bool = False, chain: bool = False) -> tuple[Factors, set[str]]:
+    def gram_from(self, streamed: GramStream, factors: Factors, x: Batch) -> torch.Tensor:
+        """K(x, x): what ``streamed`` accumulated plus the contraction of the other groups' factors."""
+        rest = self.with_fallback({g: f for g, f in factors.items() if g not in streamed.nbytes}, x)
+        with fast_matmuls():
+            return streamed.kernel.add_(self.contract(rest, rest)) if rest else streamed.kernel
+
+    def gram(self, x: Batch) -> torch.Tensor:
+        if self.kept is not None and same_batch(self.kept[0], x) and isinstance(self.kept[1], torch.Tensor):
+            kernel, self.kept = self.kept[1], None
+            return kernel
+        if self.calibration is None or self.kept is not None or self.mode not in ("trace", "diagonal"):
+            return super().gram(x)
+        factors, streamed = self.block_factors(x, streaming=True)
+        assert streamed is not None
+        return self.gram_from(streamed, factors, x)
+
+    def factors_of(
+        self, observed: Capture, chunk: int, retain_graph: bool = False, fast: bool = False, chain: bool = False, stream: GramStream | None = None
+    ) -> tuple[Factors, set[str]]:
         """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time, and
         the parameters whose uses cannot be combined exactly; ``fast``: oneDNN products;
-        ``chain``: cotangents from the model's chain (:mod:`.chain`) instead of autograd."""
+        ``chain``: cotangents from the model's chain (:mod:`.chain`) instead of autograd;
+        ``stream``: what it can take is contracted as it comes (see :class:`GramStream`)."""
         uses = observed.uses
         roles_of = roles_by_use(uses)
         parts: list[list[Factors]] = [[] for _ in uses]
@@ -234,12 +298,22 @@ class StructuredMethod(KernelMethod):
         else:
             chunks = per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph)
         with fast_matmuls(fast):
-            for cotangents in chunks:
+            for start, cotangents in zip(range(0, o, chunk), chunks):
                 for i, (use, g) in enumerate(zip(uses, cotangents)):
                     if g is not None:  # None: this layer does not affect the outputs
-                        parts[i].append(self.use_factors(use, g, roles_of[i], o))
+                        part = self.use_factors(use, g, roles_of[i], o)
+                        parts[i].append(part if stream is None else stream.take(i, part, start))
                 del cotangents
         return merge_uses([stack_outputs(p) for p in parts if p])
+
+    def gram_stream(self, observed: Capture) -> GramStream | None:
+        """A stream for K(x, x) of this block, when the mode allows one (trace, diagonal)."""
+        if self.mode not in ("trace", "diagonal"):
+            return None
+        n, o = observed.outputs.shape
+        shared = shared_parameters(observed.uses)
+        streamable = {i for i, use in enumerate(observed.uses) if not shared & set(use.roles.values())}
+        return GramStream(self.mode, n, o, streamable, min(n, CHECKED_SAMPLES), observed.outputs)
 
     def with_fallback(self, factors: Factors, x: Batch) -> Factors:
         """The structured groups' factors plus the fallback parameters' per-sample Jacobians on x."""
@@ -250,11 +324,17 @@ class StructuredMethod(KernelMethod):
         return factors
 
     def left(self, x: Batch) -> Factors:
-        if self.kept is not None and same_batch(self.kept[0], x):
+        if self.kept is not None and same_batch(self.kept[0], x) and not isinstance(self.kept[1], torch.Tensor):
             factors, self.kept = self.kept[1], None
             return self.with_fallback(factors, x)
         if self.calibration is None:
             self.calibrate(x)
+        return self.block_factors(x)[0]
+
+    def block_factors(self, x: Batch, streaming: bool = False) -> tuple[Factors, GramStream | None]:
+        """The factors of the block x (with the fallback's), and with ``streaming`` the stream
+        that took those it could (see :class:`GramStream`; the factors keep their first samples)."""
+        assert self.calibration is not None
         heavy, chain = self.calibration.matmul_heavy, self.calibration.chain
         with fast_matmuls(heavy):
             observed = capture(self.f, x, self.calibration.clone_outputs, graph=not chain)
@@ -262,16 +342,17 @@ class StructuredMethod(KernelMethod):
                 chain, observed = False, capture(self.f, x, self.calibration.clone_outputs)
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
+        streamed = self.gram_stream(observed) if streaming else None
         if chain:
-            factors, conflicts = self.factors_of(observed, chunk, fast=heavy, chain=True)
+            factors, conflicts = self.factors_of(observed, chunk, fast=heavy, chain=True, stream=streamed)
         else:
-            factors, conflicts = self.autograd_factors(observed, chunk, heavy)
+            factors, conflicts, streamed = self.autograd_factors(observed, chunk, heavy, streamed)
         if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
             raise ModelError(
                 "the model uses its parameters differently from one block of inputs to another (data-dependent "
                 "control flow), so the structured method cannot pair its factors; use method='jacobian'"
             )
-        return self.with_fallback(factors, x)
+        return self.with_fallback(factors, x), streamed
 
     def left_and_right(self, x1: Batch, x2: Batch) -> tuple[Factors, Factors]:
         """For a chain model: one forward pass over x1 and x2 together (taller GEMMs, one pass's
@@ -291,17 +372,21 @@ class StructuredMethod(KernelMethod):
             sides.append(self.with_fallback(factors, x))
         return sides[0], sides[1]
 
-    def autograd_factors(self, observed: Capture, chunk: int, heavy: bool) -> tuple[Factors, set[str]]:
+    def autograd_factors(
+        self, observed: Capture, chunk: int, heavy: bool, streamed: GramStream | None
+    ) -> tuple[Factors, set[str], GramStream | None]:
         """:meth:`factors_of` by autograd, learning on the first vmapped backward whether it can be."""
+        assert self.calibration is not None
         try:
-            factors, conflicts = self.factors_of(observed, chunk, retain_graph=self.calibration.batched_backward is None, fast=heavy)
+            factors, conflicts = self.factors_of(observed, chunk, retain_graph=self.calibration.batched_backward is None, fast=heavy, stream=streamed)
         except RuntimeError:
             if chunk == 1 or self.calibration.batched_backward is not None:
                 raise
             # first vmapped backward of this model, and it cannot be: one output at a time from now on
             self.calibration = dataclasses.replace(self.calibration, batched_backward=False)
-            return self.factors_of(observed, 1, fast=heavy)
-        return factors, conflicts
+            streamed = None if streamed is None else self.gram_stream(observed)
+            factors, conflicts = self.factors_of(observed, 1, fast=heavy, stream=streamed)
+        return factors, conflicts, streamed
 
     def contract(self, left: Factors, right: Factors) -> torch.Tensor:
         total = None
