@@ -53,7 +53,7 @@ class Step:
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
-    """The tensors among an op's arguments (one level of lists and tuples)."""
+    """The tensors among an op's arguments (inside lists, tuples and dicts too)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
@@ -82,8 +82,8 @@ def step_of(call: Call, current: torch.Tensor) -> Step | None:
         return None
     if call.func in ACTIVATIONS:
         return Step(ACTIVATIONS[call.func], current.shape, call.output)
-    if call.func in RESHAPES:
-        return Step("reshape", current.shape, call.output)
+    if call.func in RESHAPES and call.output.dtype == current.dtype and call.output.numel() == current.numel():
+        return Step("reshape", current.shape, call.output)  # (not a view as another dtype)
     return None
 
 
