@@ -66,3 +66,19 @@ def reduce_full(full: torch.Tensor, mode: str) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def captured_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes of the structured method's forward captures, in order."""
+    from fastntk.methods.structured import method as structured
+
+    sizes: list[int] = []
+    original = structured.capture
+
+    def counting(f, x, *args, **kwargs):  # noqa: ANN001, ANN202
+        sizes.append(x.shape[0])
+        return original(f, x, *args, **kwargs)
+
+    monkeypatch.setattr(structured, "capture", counting)
+    return sizes

@@ -77,19 +77,10 @@ def test_wrong_chain_is_caught_by_the_gradient_check(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
-def test_later_calls_run_one_forward_pass_over_both_inputs(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_later_calls_run_one_forward_pass_over_both_inputs(mode: str, captured_sizes: list[int]) -> None:
     """Once calibrated, a chain model's K(x1, x2) of one block pair comes from one forward pass
     over x1 and x2 together, each side's factors from its own rows: the same kernel."""
-    from fastntk.methods.structured import method as structured
-
-    sizes: list[int] = []
-    original = structured.capture
-
-    def counting(f, x, *args, **kwargs):  # noqa: ANN001, ANN202
-        sizes.append(x.shape[0])
-        return original(f, x, *args, **kwargs)
-
-    monkeypatch.setattr(structured, "capture", counting)
+    sizes = captured_sizes
     c = CASES_BY_NAME["chain_mlp"]
     model = c.build(torch.float64)
     x1, x2 = c.draw(4, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)

@@ -135,18 +135,9 @@ def test_blocks_shrink_when_calibration_finds_more_bytes() -> None:
     assert_kernel_close(kernel, fastntk.reference_ntk(model, x1, x2, mode="full"), torch.float64)
 
 
-def test_first_block_is_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_first_block_is_computed_once(captured_sizes: list[int]) -> None:
     """The calibration block's factors serve the engine's first block: x1 is captured once."""
-    from fastntk.methods.structured import method as structured
-
-    sizes: list[int] = []
-    original = structured.capture
-
-    def counting(f, x, *args, **kwargs):  # noqa: ANN001, ANN202
-        sizes.append(x.shape[0])
-        return original(f, x, *args, **kwargs)
-
-    monkeypatch.setattr(structured, "capture", counting)
+    sizes = captured_sizes
     c = CASES_BY_NAME["mlp"]
     model = c.build(torch.float64)
     x1, x2 = c.draw(4, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
