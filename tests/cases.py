@@ -245,6 +245,11 @@ STRUCTURED_CASES: list[Case] = [
         normal(2, 3),
     ),
     Case("chain_shared", SharedChain, normal(5)),
+    Case(  # GELU and SiLU (derivatives from their inputs), dropout in eval mode
+        "chain_gelu",
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 6), nn.SiLU(), nn.Dropout(0.2), nn.Linear(6, 3)).eval(),
+        normal(5),
+    ),
     Case(  # in-place ops write over the outputs of the layers the structured method records
         "inplace_relu",
         lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 3 * 3, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)),

@@ -14,8 +14,8 @@ from fastntk.methods.structured import chain as chain_module
 from fastntk.methods.structured.capture import capture, per_output_cotangents
 from fastntk.methods.structured.chain import chain_cotangent_chunks
 
-CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp", "chain_shared"]
-NOT_CHAINS = ["tutorial_cnn", "residual", "layernorm_gelu", "transformer", "inplace_relu", "sequence_long", "tied", "multidim_output", "tuple_output"]
+CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp", "chain_shared", "chain_gelu", "multidim_output"]
+NOT_CHAINS = ["tutorial_cnn", "residual", "layernorm_gelu", "transformer", "inplace_relu", "sequence_long", "tied", "tuple_output", "token_dict"]
 
 
 def captured(case: str, n: int = 4):

@@ -1,7 +1,8 @@
 """Cotangents without autograd for models that are one chain of dense layers and activations.
 
 When everything from the first recorded layer to the model's outputs is a single chain of
-``F.linear`` calls, ReLU/tanh/sigmoid activations and reshapes, each taking the previous
+``F.linear`` calls, ReLU/tanh/sigmoid/GELU/SiLU activations, reshapes and dropout in eval
+mode, each taking the previous
 one's output, the cotangents of the recorded layer outputs for k outputs at once are
 k·N-row GEMMs against the weights and in-place products with the activations' derivatives:
 no autograd graph in the forward pass, no batched autograd in the backward. A dense output
@@ -18,14 +19,17 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 import torch.nn.functional as F
 
-Kind = Literal["linear", "relu", "tanh", "sigmoid", "reshape"]
+Kind = Literal["linear", "relu", "tanh", "sigmoid", "gelu", "silu", "reshape"]
 
 ACTIVATIONS: dict[Callable, Kind] = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu",
     torch.tanh: "tanh", F.tanh: "tanh", torch.Tensor.tanh: "tanh", torch.Tensor.tanh_: "tanh",
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", torch.Tensor.sigmoid_: "sigmoid",
 }
+FROM_INPUT: dict[Callable, Kind] = {F.gelu: "gelu", F.silu: "silu"}
+"""Activations whose derivative is computed from their input (not in place)."""
 RESHAPES = (torch.Tensor.reshape, torch.reshape, torch.Tensor.view, torch.Tensor.flatten, torch.flatten)
+DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
 
 @dataclass
@@ -50,6 +54,27 @@ class Step:
     weight: torch.Tensor | None = None
     use: int | None = None
     version: int = 0
+    input: torch.Tensor | None = None
+    """The input, for activations whose derivative is computed from it (GELU, SiLU)."""
+    input_version: int = 0
+
+    def derivative(self) -> torch.Tensor:
+        """The activation's elementwise derivative, per sample (N, ...)."""
+        if self.kind in ("gelu", "silu"):
+            x = self.input
+            assert x is not None
+            if self.kind == "silu":
+                s = torch.sigmoid(x)
+                return s * (1 + x * (1 - s))
+            return 0.5 * (1 + torch.erf(x * 0.5**0.5)) + x * torch.exp(-0.5 * x * x) * (2 * torch.pi) ** -0.5
+        y = self.output
+        return y > 0 if self.kind == "relu" else 1 - y * y if self.kind == "tanh" else y * (1 - y)
+
+    def intact(self) -> bool:
+        """Whether what the backward pass reads (an activation's output or input) is unchanged."""
+        if self.kind in ("gelu", "silu"):
+            return self.input is not None and self.input._version == self.input_version
+        return self.kind not in ("relu", "tanh", "sigmoid") or self.output._version == self.version
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
@@ -82,6 +107,11 @@ def step_of(call: Call, current: torch.Tensor) -> Step | None:
         return None
     if call.func in ACTIVATIONS:
         return Step(ACTIVATIONS[call.func], current.shape, call.output)
+    if call.func in FROM_INPUT and call.output is not current and call.kwargs.get("approximate", "none") == "none" and len(call.args) == 1:
+        return Step(FROM_INPUT[call.func], current.shape, call.output, input=current, input_version=current._version)
+    if call.func in DROPOUTS:  # in eval mode the identity (in training mode the model was refused before)
+        training = call.args[2] if len(call.args) > 2 else call.kwargs.get("training", True)
+        return None if training else Step("reshape", current.shape, call.output)
     if call.func in RESHAPES and call.output.dtype == current.dtype and call.output.numel() == current.numel():
         return Step("reshape", current.shape, call.output)  # (not a view as another dtype)
     return None
@@ -113,8 +143,8 @@ def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[St
     n = outputs.shape[0]
     if any(step.input_shape[:1] != (n,) or step.output.shape[:1] != (n,) for step in steps):
         return None  # a reshape across samples
-    if any(step.output._version != step.version for step in steps if step.kind in ("relu", "tanh", "sigmoid")):
-        return None  # an in-place op wrote over an activation the backward pass reads
+    if not all(step.intact() for step in steps):
+        return None  # an in-place op wrote over what the backward pass reads
     return steps
 
 
@@ -175,9 +205,8 @@ def chain_cotangents(
             weight_rows = weight_rows if tuple(step.input_shape) == shape else None
         else:
             basis = False
-            y = step.output
-            derivative = y > 0 if step.kind == "relu" else 1 - y * y if step.kind == "tanh" else y * (1 - y)
-            structured = None if weight_rows is None or len(shape) != 2 else RowsCotangents(derivative.to(y.dtype), weight_rows)
+            derivative = step.derivative()
+            structured = None if weight_rows is None or len(shape) != 2 else RowsCotangents(derivative.to(g.dtype), weight_rows)
             weight_rows = None
             d = derivative.unsqueeze(1) if sample_major else derivative
             g, owned = (g.mul_(d) if owned else g * d), True
