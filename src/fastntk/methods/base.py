@@ -27,7 +27,8 @@ class KernelMethod(ABC):
     calibration: Any = None
     """What ``calibrate`` learned; reusable by later calls on inputs of the same kind."""
     kept: Any = None
-    """(x, factors) that ``calibrate(x, keep=True)`` kept for the first ``left(x)``; None drops it."""
+    """(x, what ``calibrate(x, keep=True)`` computed): factors for the first ``left(x)``, or
+    K(x, x) for the first ``gram(x)``; None drops it."""
 
     def __init__(self, f: FunctionalModel, mode: Mode, num_outputs: int, *, vmap_chunk: int | None = None) -> None:
         self.f = f

@@ -32,6 +32,18 @@ def index_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
     return (k1[:, None, :, None] == k2[None, :, None, :])
 
 
+def keys_gram(k1: torch.Tensor, k2: torch.Tensor, kind: Literal["dot", "index"], plus_one: bool, dtype: torch.dtype) -> torch.Tensor:
+    """X (N1, N2, S1, S2) of two factors' keys, plus 1 when the bias Jacobian is folded in."""
+    x = (dot_gram if kind == "dot" else index_gram)(k1, k2).to(dtype)
+    return x + 1 if plus_one else x
+
+
+def pair_contraction_flops(mode: Mode, positions: int, key_dim: int, num_outputs: int, e: int) -> float:
+    """FLOPs of contracting one pair of samples in the position-pair form: S² (d + O^k e),
+    k = 2 for full, else 1."""
+    return 2.0 * positions * positions * (key_dim + (num_outputs * num_outputs if mode == "full" else num_outputs) * e)
+
+
 @dataclass
 class JacobianFactor:
     """J (N, O, p): a parameter group's per-sample Jacobian, flattened."""
@@ -123,15 +135,9 @@ class PairFactor:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.cotangents))
 
     def pair_flops(self, mode: Mode) -> float:
-        """FLOPs of contracting one pair of samples: S² (d + O^k e), k = 2 for full, else 1."""
+        """FLOPs of contracting one pair of samples (see :func:`pair_contraction_flops`)."""
         o, s, e = self.cotangents.shape[1:]
-        d = self.keys.shape[-1] if self.kind == "dot" else 1
-        return 2.0 * s * s * (d + (o * o if mode == "full" else o) * e)
-
-    def key_gram(self, other: "PairFactor") -> torch.Tensor:
-        gram = dot_gram if self.kind == "dot" else index_gram
-        x = gram(self.keys, other.keys).to(self.cotangents.dtype)
-        return x + 1 if self.plus_one else x
+        return pair_contraction_flops(mode, s, self.keys.shape[-1] if self.kind == "dot" else 1, o, e)
 
     def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
         """The gradient of Σ weights[n, a] f_a(x_n) over the first K samples (weights (K, O))
@@ -154,7 +160,7 @@ class PairFactor:
         assert isinstance(other, PairFactor)
         n1, o, s1, e = self.cotangents.shape
         n2, _, s2, _ = other.cotangents.shape
-        x = self.key_gram(other)  # (N1, N2, S1, S2)
+        x = keys_gram(self.keys, other.keys, self.kind, self.plus_one, self.cotangents.dtype)  # (N1, N2, S1, S2)
         if s1 == 1 and s2 == 1:
             x = x.reshape(n1, n2)
             product = contract_jacobian_pair(self.cotangents.reshape(n1, o, e), other.cotangents.reshape(n2, o, e), mode)
@@ -195,10 +201,10 @@ class RowsPairFactor:
         if mode != "trace" or not isinstance(other, RowsPairFactor):
             return self.materialized().contract(as_pair(other), mode)
         assert self.rows.shape == other.rows.shape  # the output layer's rows, on both sides
-        x = dot_gram(self.keys, other.keys).reshape(self.keys.shape[0], other.keys.shape[0])
+        x = keys_gram(self.keys, other.keys, "dot", self.plus_one, self.derivative.dtype)
         weights = self.rows.square().sum(0)  # Σ_a rows[a, k]²
         product = (self.derivative * weights) @ other.derivative.T
-        return product.mul_(x + 1 if self.plus_one else x)
+        return product.mul_(x.reshape(product.shape))
 
     def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
         k = weights.shape[0]  # only these samples' cotangents are formed
@@ -215,9 +221,10 @@ class RowsPairFactor:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.derivative))
 
     def pair_flops(self, mode: Mode) -> float:
-        if mode != "trace":
-            return self.materialized().pair_flops(mode)
-        return 2.0 * (self.keys.shape[-1] + self.derivative.shape[-1])
+        d, e = self.keys.shape[-1], self.derivative.shape[-1]
+        if mode != "trace":  # contracted in its formed shape
+            return pair_contraction_flops(mode, 1, d, self.rows.shape[0], e)
+        return 2.0 * (d + e)
 
 
 def as_pair(factor: "Factor") -> "Factor":

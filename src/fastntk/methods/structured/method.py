@@ -124,8 +124,9 @@ class StructuredMethod(KernelMethod):
     calibration: Layout | None = None
     size_estimate: int | None = None
     """Bytes per sample from :meth:`estimate_size` (used to size blocks before calibrating)."""
-    kept: tuple[Batch, Factors] | None = None
-    """The calibration block and its structured factors, for the first ``left`` call on that block."""
+    kept: tuple[Batch, Factors | torch.Tensor] | None = None
+    """The calibration block and its structured factors, for the first ``left`` call on that
+    block; or, for a Gram matrix of that one block, its kernel, for the first ``gram`` call."""
     chain_allowed: bool = True
     """Whether calibration may take the cotangents from the model's chain (False after the
     gradient check rejected them once)."""
@@ -270,9 +271,16 @@ class StructuredMethod(KernelMethod):
         with fast_matmuls():
             return streamed.kernel.add_(self.contract(rest, rest)) if rest else streamed.kernel
 
+    def take_kept(self, x: Batch, kernel: bool) -> Factors | torch.Tensor | None:
+        """What calibration kept for the block x (its kernel, or its factors), handed over once."""
+        if self.kept is None or not same_batch(self.kept[0], x) or isinstance(self.kept[1], torch.Tensor) is not kernel:
+            return None
+        kept, self.kept = self.kept[1], None
+        return kept
+
     def gram(self, x: Batch) -> torch.Tensor:
-        if self.kept is not None and same_batch(self.kept[0], x) and isinstance(self.kept[1], torch.Tensor):
-            kernel, self.kept = self.kept[1], None
+        kernel = self.take_kept(x, kernel=True)
+        if isinstance(kernel, torch.Tensor):
             return kernel
         if self.calibration is None or self.kept is not None or self.mode not in ("trace", "diagonal"):
             return super().gram(x)
@@ -324,8 +332,8 @@ class StructuredMethod(KernelMethod):
         return factors
 
     def left(self, x: Batch) -> Factors:
-        if self.kept is not None and same_batch(self.kept[0], x) and not isinstance(self.kept[1], torch.Tensor):
-            factors, self.kept = self.kept[1], None
+        factors = self.take_kept(x, kernel=False)
+        if isinstance(factors, dict):
             return self.with_fallback(factors, x)
         if self.calibration is None:
             self.calibrate(x)
