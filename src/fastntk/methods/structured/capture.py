@@ -101,18 +101,20 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         before = len(self.uses)
-        output = self.record(func, args, kwargs)
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        output = self.record(func, args, kwargs, inputs)
         if isinstance(output, torch.Tensor):
-            self.calls.append(Call(func, args, kwargs, output, before if len(self.uses) > before else None))
+            self.calls.append(Call(func, args, kwargs, inputs, output, before if len(self.uses) > before else None))
         return output
 
-    def record(self, func, args, kwargs):  # noqa: ANN001, ANN201
+    def record(self, func, args, kwargs, inputs: list[torch.Tensor]):  # noqa: ANN001, ANN201
+        """Run the op; a covered use of selected parameters is recorded (and its output, or a copy, returned)."""
         output = func(*args, **kwargs)
         flops = op_flops(func, args, kwargs, output)
         self.flops += flops
         if func not in CONVOLUTIONS:
             self.matmul_flops += flops
-        touched = [self.names[id(t)] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in self.names]
+        touched = [self.names[id(t)] for t in inputs if id(t) in self.names]
         if not touched or not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(output)):
             return output  # no selected parameter, or metadata only (size, dim, ...)
         rule = RULES.get(func)
@@ -124,8 +126,7 @@ class _Recorder(TorchFunctionMode):
                 if sorted(roles.values()) == sorted(touched):
                     saved = rule.save(call, output)
                     versions = [(t, t._version) for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
-                    use = Use(rule, roles, saved, output, versions, output._version)
-                    use.returned = output.clone() if self.clone_outputs else output
+                    use = Use(rule, roles, saved, output, versions, output._version, output.clone() if self.clone_outputs else output)
                     self.uses.append(use)
                     return use.returned
         self.unstructured.update(touched)

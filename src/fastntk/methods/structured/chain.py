@@ -34,12 +34,13 @@ DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F
 
 @dataclass
 class Call:
-    """One op the forward pass ran: its function, arguments, the tensor the model got back, and
-    the index of the recorded use it was (None: not a use)."""
+    """One op the forward pass ran: its function, arguments (and the tensors among them), the
+    tensor the model got back, and the index of the recorded use it was (None: not a use)."""
 
     func: Callable
     args: tuple
     kwargs: dict[str, Any]
+    inputs: list[torch.Tensor]
     output: torch.Tensor
     use: int | None
 
@@ -77,24 +78,13 @@ class Step:
         return self.kind not in ("relu", "tanh", "sigmoid") or self.output._version == self.version
 
 
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    """The tensors among an op's arguments (inside lists, tuples and dicts too)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors_in(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in tensors_in(v)]
-    return []
-
-
 def first_input(call: Call) -> Any:
     return call.args[0] if call.args else call.kwargs.get("input")
 
 
 def step_of(call: Call, current: torch.Tensor) -> Step | None:
     """The chain link ``call`` is when its input is ``current``, or None when it is not one."""
-    inputs = tensors_in((call.args, call.kwargs))
+    inputs = call.inputs
     first = first_input(call)
     if call.func is F.linear:
         weight = call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
@@ -126,7 +116,7 @@ def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[St
     current: torch.Tensor | None = None
     steps: list[Step] = []
     for call in calls[start:]:
-        inputs = tensors_in((call.args, call.kwargs))
+        inputs = call.inputs
         if current is not None and not any(t is current or id(t) in seen for t in inputs):
             continue  # a computation beside the chain (of weights, masks, ...)
         step = step_of(call, first_input(call) if current is None else current)
