@@ -231,6 +231,11 @@ STRUCTURED_CASES: list[Case] = [
     Case("conv2d_groups", lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 2)), normal(4, 5, 5)),
     Case("depthwise_separable", lambda: nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.ReLU(), nn.Conv2d(3, 5, 1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 2)), normal(3, 6, 6)),
     Case("conv1d_dilated", lambda: nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2, padding=1, bias=False), nn.GELU(), nn.Flatten(), nn.Linear(3 * 8, 2)), normal(2, 10)),
+    Case(  # padding="same" with even kernels (one more on the right), then a strided convolution
+        "conv_same_even",
+        lambda: nn.Sequential(nn.Conv2d(2, 3, (2, 4), padding="same"), nn.Tanh(), nn.Conv2d(3, 3, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)),
+        normal(2, 6, 6),
+    ),
     Case("conv3d", lambda: nn.Sequential(nn.Conv3d(1, 2, 2, stride=(1, 2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 2 * 3, 2)), normal(1, 4, 4, 4)),
     Case("groupnorm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)), normal(2, 5, 5)),
     Case("embedding_padding", lambda: TokenModel(padding_idx=0), tokens()),

@@ -1,4 +1,4 @@
-"""Chains of dense layers and activations: cotangents without autograd, the same as autograd's."""
+"""Chains of dense layers, convolutions and activations: cotangents without autograd, the same as autograd's."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from fastntk.methods.structured import chain as chain_module
 from fastntk.methods.structured.capture import capture, per_output_cotangents
 from fastntk.methods.structured.chain import chain_cotangent_chunks
 
-CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp", "chain_shared", "chain_gelu", "multidim_output"]
-NOT_CHAINS = ["tutorial_cnn", "residual", "layernorm_gelu", "transformer", "inplace_relu", "sequence_long", "tied", "tuple_output", "token_dict"]
+DENSE_CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp", "chain_shared", "chain_gelu", "multidim_output"]
+CONV_CHAINS = ["tutorial_cnn", "conv1d", "conv2d_options", "conv2d_groups", "depthwise_separable", "conv1d_dilated", "conv3d", "conv_same_even", "inplace_relu"]
+CHAINS = DENSE_CHAINS + CONV_CHAINS
+NOT_CHAINS = ["residual", "layernorm_gelu", "transformer", "sequence_long", "tied", "tuple_output", "token_dict", "groupnorm", "batchnorm_eval"]
 
 
 def captured(case: str, n: int = 4):
@@ -47,18 +49,48 @@ def test_chain_cotangents_are_autograds(case: str, chunk: int, sample_major: boo
                 assert b.is_contiguous() is sample_major
 
 
-def test_chain_models_record_no_graph_after_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
-    c = CASES_BY_NAME["chain_mlp"]
-    method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), "full", 3)
-    method.calibrate(c.draw(4, torch.float64))
+def factor_tensors(factors: dict) -> list[torch.Tensor]:
+    return [t for f in factors.values() for t in vars(f).values() if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("mode", ["full", "trace"])
+@pytest.mark.parametrize("case", ["chain_mlp", "tutorial_cnn"])
+def test_chain_models_record_no_graph_after_calibration(case: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = CASES_BY_NAME[case]
+    method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), mode, 3 if case == "chain_mlp" else 2)
+    method.calibrate(c.draw(4, torch.float64), keep=True)
     assert method.calibration.chain
+    # the calibration pass records a graph (for its check), but the factors it keeps hang on none
+    assert not any(t.requires_grad for t in factor_tensors(method.kept[1]))
 
     def no_autograd(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("autograd was used")
 
     monkeypatch.setattr(torch.autograd, "grad", no_autograd)
     factors = method.left(c.draw(5, torch.float64, seed=3))
-    assert all(not getattr(f, "cotangents", torch.zeros(())).requires_grad for f in factors.values())
+    assert not any(t.requires_grad for t in factor_tensors(factors))
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_cotangent_chunks_are_not_held_while_the_next_is_computed(chain: bool) -> None:
+    """A chunk the caller has let go of is freed before the next one is made (else the peak
+    holds two chunks, and the heap grows with every chunk)."""
+    import gc
+
+    observed = captured("tutorial_cnn", 3)
+    n, o = observed.outputs.shape
+    if chain:
+        chunks = chain_cotangent_chunks(observed.chain, len(observed.uses), n, o, 1)
+    else:
+        chunks = per_output_cotangents(observed.outputs, [use.output for use in observed.uses], 1)
+    first = next(chunks)
+    storages = {g.untyped_storage().data_ptr() for g in first if g.stride(0) != 0}  # (broadcast rows are the weights')
+    del first
+    gc.collect()
+    tensors = [t for t in gc.get_objects() if type(t) in (torch.Tensor, torch.nn.Parameter)]  # (isinstance would touch deprecated objects)
+    alive = {t.untyped_storage().data_ptr() for t in tensors}
+    assert storages and not storages & alive
+    assert next(chunks)[0].shape == (n, 1, *observed.uses[0].output.shape[1:])
 
 
 def test_wrong_chain_is_caught_by_the_gradient_check(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,11 +109,12 @@ def test_wrong_chain_is_caught_by_the_gradient_check(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
-def test_later_calls_run_one_forward_pass_over_both_inputs(mode: str, captured_sizes: list[int]) -> None:
+@pytest.mark.parametrize("case", ["chain_mlp", "chain_gelu", "tutorial_cnn"])
+def test_later_calls_run_one_forward_pass_over_both_inputs(case: str, mode: str, captured_sizes: list[int]) -> None:
     """Once calibrated, a chain model's K(x1, x2) of one block pair comes from one forward pass
     over x1 and x2 together, each side's factors from its own rows: the same kernel."""
     sizes = captured_sizes
-    c = CASES_BY_NAME["chain_mlp"]
+    c = CASES_BY_NAME[case]
     model = c.build(torch.float64)
     x1, x2 = c.draw(4, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
     fn = fastntk.ntk_fn(model, mode=mode, method="structured")

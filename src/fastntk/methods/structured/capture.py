@@ -177,9 +177,11 @@ def per_output_cotangents(
     for start in range(0, o, chunk):
         stop = min(start + chunk, o)
         keep = retain_graph or stop < o
+        # no local names the chunk: while suspended, this holds nothing the caller has let go of
         if stop - start == 1:
-            grads = torch.autograd.grad(outputs, tensors, basis[start], retain_graph=keep, allow_unused=True)
-            yield [None if g is None else g.unsqueeze(1) for g in grads]
+            yield [None if g is None else g.unsqueeze(1) for g in torch.autograd.grad(outputs, tensors, basis[start], retain_graph=keep, allow_unused=True)]
         else:
-            grads = torch.autograd.grad(outputs, tensors, basis[start:stop], retain_graph=keep, is_grads_batched=True, allow_unused=True)
-            yield [None if g is None else g.movedim(0, 1) for g in grads]
+            yield [
+                None if g is None else g.movedim(0, 1)
+                for g in torch.autograd.grad(outputs, tensors, basis[start:stop], retain_graph=keep, is_grads_batched=True, allow_unused=True)
+            ]

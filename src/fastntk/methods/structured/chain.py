@@ -1,25 +1,32 @@
-"""Cotangents without autograd for models that are one chain of dense layers and activations.
+"""Cotangents without autograd for models that are one chain of layers and activations.
 
 When everything from the first recorded layer to the model's outputs is a single chain of
-``F.linear`` calls, ReLU/tanh/sigmoid/GELU/SiLU activations, reshapes and dropout in eval
-mode, each taking the previous
-one's output, the cotangents of the recorded layer outputs for k outputs at once are
-k·N-row GEMMs against the weights and in-place products with the activations' derivatives:
-no autograd graph in the forward pass, no batched autograd in the backward. A dense output
-layer's cotangents are its weight rows, broadcast over the samples (no GEMM). Anything else
-(a residual branch, a convolution, an op without a rule here) leaves the model to autograd;
-the calibration's gradient check covers this path like the other one.
+``F.linear`` calls, convolutions (1d/2d/3d), ReLU/tanh/sigmoid/GELU/SiLU activations,
+reshapes and dropout in eval mode, each taking the previous one's output, the cotangents of
+the recorded layer outputs for k outputs at once are k·N-row GEMMs against the weights
+(transposed convolutions for a convolution) and in-place products with the activations'
+derivatives: no autograd graph in the forward pass, no batched autograd in the backward.
+Between the outputs and the last activation the cotangents are the same for every sample:
+they are computed once, for k rows (a dense output layer's are its weight rows), and
+broadcast over the samples. Anything else (a residual branch, a normalisation, an op
+without a rule here) leaves the model to autograd; the calibration's gradient check covers
+this path like the other one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 
-Kind = Literal["linear", "relu", "tanh", "sigmoid", "gelu", "silu", "reshape"]
+from .conv_geometry import ARGUMENTS as CONV_ARGUMENTS
+from .conv_geometry import ConvGeometry
+from .flops import CONVOLUTIONS
+
+Kind = Literal["linear", "conv", "relu", "tanh", "sigmoid", "gelu", "silu", "reshape"]
 
 ACTIVATIONS: dict[Callable, Kind] = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu",
@@ -28,6 +35,18 @@ ACTIVATIONS: dict[Callable, Kind] = {
 }
 FROM_INPUT: dict[Callable, Kind] = {F.gelu: "gelu", F.silu: "silu"}
 """Activations whose derivative is computed from their input (not in place)."""
+FUSED_BACKWARD = {
+    "relu": torch.ops.aten.threshold_backward,
+    "tanh": torch.ops.aten.tanh_backward,
+    "sigmoid": torch.ops.aten.sigmoid_backward,
+}
+"""Backward kernels of activations, from their outputs (ReLU's: its output is positive where its input is)."""
+
+
+def fused_arguments(kind: Kind) -> tuple:
+    return (0,) if kind == "relu" else ()
+
+
 RESHAPES = (torch.Tensor.reshape, torch.reshape, torch.Tensor.view, torch.Tensor.flatten, torch.flatten)
 DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
@@ -58,6 +77,8 @@ class Step:
     input: torch.Tensor | None = None
     """The input, for activations whose derivative is computed from it (GELU, SiLU)."""
     input_version: int = 0
+    geometry: ConvGeometry | None = None
+    """A convolution's options."""
 
     def derivative(self) -> torch.Tensor:
         """The activation's elementwise derivative, per sample (N, ...)."""
@@ -70,6 +91,18 @@ class Step:
             return 0.5 * (1 + torch.erf(x * 0.5**0.5)) + x * torch.exp(-0.5 * x * x) * (2 * torch.pi) ** -0.5
         y = self.output
         return y > 0 if self.kind == "relu" else 1 - y * y if self.kind == "tanh" else y * (1 - y)
+
+    def backward(self, g: torch.Tensor, owned: bool, sample_major: bool) -> torch.Tensor:
+        """The cotangents of the activation's input from those of its output, g (laid out as
+        (k, N, ...), or (N, k, ...) with ``sample_major``); written over g when ``owned``.
+        ReLU, tanh and sigmoid use PyTorch's own fused backward kernels."""
+        fused = FUSED_BACKWARD.get(self.kind)
+        if fused is None:
+            d = self.derivative()
+            d = d.unsqueeze(1) if sample_major else d
+            return g.mul_(d) if owned else g * d
+        y = self.output.unsqueeze(1) if sample_major else self.output
+        return fused.grad_input(g, y, *fused_arguments(self.kind), grad_input=g) if owned else fused(g, y, *fused_arguments(self.kind))
 
     def intact(self) -> bool:
         """Whether what the backward pass reads (an activation's output or input) is unchanged."""
@@ -89,7 +122,13 @@ def step_of(call: Call, current: torch.Tensor) -> Step | None:
     if call.func is F.linear:
         weight = call.args[1] if len(call.args) > 1 else call.kwargs.get("weight")
         if first is current and isinstance(weight, torch.Tensor) and weight.dim() == 2 and all(t is not current for t in inputs[1:]):
-            return Step("linear", current.shape, call.output, weight, call.use)
+            return Step("linear", current.shape, call.output, weight.detach(), call.use)
+        return None
+    if call.func in CONVOLUTIONS:
+        bound = dict(zip(CONV_ARGUMENTS, call.args), **call.kwargs)
+        weight = bound.get("weight")
+        if first is current and isinstance(weight, torch.Tensor) and weight.dim() == current.dim() and all(t is not current for t in inputs[1:]):
+            return Step("conv", current.shape, call.output, weight.detach(), call.use, geometry=ConvGeometry.of(bound))
         return None
     if call.func is torch.cat and len(inputs) == 1 and inputs[0] is current:  # of one tensor (how outputs are flattened)
         return Step("reshape", current.shape, call.output)
@@ -110,7 +149,7 @@ def step_of(call: Call, current: torch.Tensor) -> Step | None:
 def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[Step] | None:
     """The chain from the first recorded use to ``outputs``, or None when the model is not one."""
     start = next((i for i, call in enumerate(calls) if call.use is not None), None)
-    if start is None or calls[start].func is not F.linear:
+    if start is None or (calls[start].func is not F.linear and calls[start].func not in CONVOLUTIONS):
         return None
     seen: set[int] = set()
     current: torch.Tensor | None = None
@@ -141,7 +180,8 @@ def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[St
 @dataclass
 class RowsCotangents:
     """Cotangents (N, k, e) that are derivative[n] ⊙ rows[a]: a dense layer's, when it feeds an
-    activation and then the dense output layer (rows: that layer's weight rows)."""
+    activation after which the cotangents are the same for every sample (rows: those, e.g. the
+    dense output layer's weight rows)."""
 
     derivative: torch.Tensor
     rows: torch.Tensor
@@ -150,13 +190,16 @@ class RowsCotangents:
         return self.derivative[:, None, :] * self.rows[None]
 
 
+@torch.no_grad()
 def chain_cotangents(
     steps: list[Step], num_uses: int, n: int, start: int, stop: int, sample_major: bool = False, keep_rows: bool = False
 ) -> list[torch.Tensor | RowsCotangents]:
     """For outputs start..stop-1: each use's cotangents by the chain rule, stored (k, N, ...)
     output by output, or (N, k, ...) sample by sample with ``sample_major`` (the GEMM rows
-    can come in either order, so either layout costs nothing to make). With ``keep_rows``,
-    cotangents of the form derivative ⊙ rows come as :class:`RowsCotangents`."""
+    can come in either order, so either layout costs nothing to make). Cotangents that are
+    the same for every sample (after the last activation) are broadcast views. With
+    ``keep_rows``, cotangents of the form derivative ⊙ rows come as :class:`RowsCotangents`.
+    No autograd graph is recorded (the forward pass may have recorded one)."""
     k = stop - start
     outputs = steps[-1].output
 
@@ -164,43 +207,58 @@ def chain_cotangents(
         """t, of k outputs and samples of ``shape`` (N, ...), in this call's layout."""
         return t.reshape(shape[0], k, *shape[1:]) if sample_major else t.reshape(k, *shape)
 
-    def rows(w: torch.Tensor) -> torch.Tensor:
-        """w[a] for each sample: (k, m) rows broadcast over the N samples, in this call's layout."""
-        return w[start:stop][None].expand(n, k, w.shape[1]) if sample_major else w[start:stop, None, :].expand(k, n, w.shape[1])
+    def spread(rows: torch.Tensor) -> torch.Tensor:
+        """Rows (k, ...) common to all samples, broadcast over the N samples in this call's layout."""
+        return rows[None].expand(n, *rows.shape) if sample_major else rows[:, None].expand(k, n, *rows.shape[1:])
 
-    eye = torch.eye(outputs.shape[1], dtype=outputs.dtype, device=outputs.device)
-    g, shape = rows(eye), tuple(outputs.shape)
-    basis = True  # g is still the outputs' basis (then a dense layer's cotangents are rows of W)
+    common: torch.Tensor | None = torch.eye(outputs.shape[1], dtype=outputs.dtype, device=outputs.device)[start:stop]
+    """The cotangents while they are the same for every sample: (k, *sample shape), else None."""
+    g = outputs  # the per-sample cotangents (laid out) once ``common`` is None
+    shape = tuple(outputs.shape)
+    basis = True  # common is still the outputs' basis (then a dense layer's are rows of its weight)
     owned = False  # whether g may be written in place
-    weight_rows: torch.Tensor | None = None  # g is these rows of a weight, broadcast over the samples
     structured: RowsCotangents | None = None  # g is derivative ⊙ rows
     found: list[torch.Tensor | RowsCotangents | None] = [None] * num_uses
     for i in range(len(steps) - 1, -1, -1):
         step = steps[i]
+        if step.use is not None:
+            found[step.use] = structured if keep_rows and structured is not None else g if common is None else spread(common)
+        if i == 0:
+            break
+        input_shape = tuple(step.input_shape)
+        weight = step.weight
         if step.kind == "linear":
-            if step.use is not None:
-                found[step.use] = structured if keep_rows and structured is not None else g
-            if i == 0:
-                break
-            weight = step.weight
             assert weight is not None
-            if basis and len(shape) == 2:
-                g, owned, weight_rows = rows(weight), False, weight[start:stop]
+            if common is None:
+                g, owned = laid_out(g.reshape(-1, weight.shape[0]) @ weight, input_shape), True
+            elif basis and len(shape) == 2:
+                common = weight[start:stop]
             else:
-                g, owned, weight_rows = laid_out(g.reshape(-1, weight.shape[0]) @ weight, tuple(step.input_shape)), True, None
+                common = (common.reshape(-1, weight.shape[0]) @ weight).reshape(k, *input_shape[1:])
+            basis, structured = False, None
+        elif step.kind == "conv":
+            assert weight is not None and step.geometry is not None
+            if common is None:
+                g, owned = laid_out(step.geometry.input_cotangents(g.reshape(-1, *shape[1:]), weight, input_shape[1:]), input_shape), True
+            else:
+                common = step.geometry.input_cotangents(common, weight, input_shape[1:])
             basis, structured = False, None
         elif step.kind == "reshape":
-            basis = basis and tuple(step.input_shape) == shape
-            g, structured = laid_out(g, tuple(step.input_shape)), None
-            weight_rows = weight_rows if tuple(step.input_shape) == shape else None
+            basis = basis and input_shape == shape
+            if common is None:
+                g = laid_out(g, input_shape)
+            else:
+                common = common.reshape(k, *input_shape[1:])
+            structured = None
         else:
+            if common is not None:
+                structured = RowsCotangents(step.derivative().to(common.dtype), common) if keep_rows and len(shape) == 2 else None
+                g, owned, common = spread(common), False, None
+            else:
+                structured = None
+            g, owned = step.backward(g, owned, sample_major), True
             basis = False
-            derivative = step.derivative()
-            structured = None if weight_rows is None or len(shape) != 2 else RowsCotangents(derivative.to(g.dtype), weight_rows)
-            weight_rows = None
-            d = derivative.unsqueeze(1) if sample_major else derivative
-            g, owned = (g.mul_(d) if owned else g * d), True
-        shape = tuple(step.input_shape)
+        shape = input_shape
     assert all(t is not None for t in found)
     return found  # type: ignore[return-value]
 
@@ -213,13 +271,21 @@ def chain_cotangent_chunks(
     :class:`RowsCotangents` with ``keep_rows``)."""
     for start in range(0, num_outputs, chunk):
         stop = min(start + chunk, num_outputs)
-        found = chain_cotangents(steps, num_uses, n, start, stop, sample_major, keep_rows)
-        yield [g if sample_major or isinstance(g, RowsCotangents) else g.movedim(0, 1) for g in found]
+        # no local names the chunk: while suspended, this holds nothing the caller has let go of
+        yield [
+            g if sample_major or isinstance(g, RowsCotangents) else g.movedim(0, 1)
+            for g in chain_cotangents(steps, num_uses, n, start, stop, sample_major, keep_rows)
+        ]
 
 
 def samples_of_steps(steps: list[Step], start: int, stop: int) -> list[Step]:
     """The chain of samples start..stop-1 of a block (the weights are shared)."""
     return [
-        Step(s.kind, torch.Size((stop - start, *s.input_shape[1:])), s.output[start:stop], s.weight, s.use, s.version)
+        dataclasses.replace(
+            s,
+            input_shape=torch.Size((stop - start, *s.input_shape[1:])),
+            output=s.output[start:stop],
+            input=None if s.input is None else s.input[start:stop],
+        )
         for s in steps
     ]

