@@ -51,6 +51,26 @@ def test_mm_is_routed_and_equal(routed: list, transposed: bool) -> None:
     assert (product.double() - expected).abs().max() <= float32_tolerance(300) * expected.abs().max()
 
 
+@needs_onednn
+def test_explicit_products_need_no_dispatch_mode(routed: list) -> None:
+    """The library's own contractions call _gemm.mm: routed inside fast_matmuls(intercept=False)
+    without the dispatch mode (whose per-op cost every view would pay), and a plain product
+    outside it; other products in that block stay with PyTorch."""
+    a, b = operands((37, 300), (300, 23))
+    expected = a.double() @ b.double()
+    outside = _gemm.mm(a, b)
+    assert routed == []
+    with fast_matmuls(intercept=False):
+        assert not _gemm._active()
+        product = _gemm.mm(a, b)
+        assert routed == [(37, 300, 23)]
+        torch.testing.assert_close(a @ b, outside)  # not through the mode
+    assert routed == [(37, 300, 23)]
+    for value in (product, outside):
+        assert (value.double() - expected).abs().max() <= float32_tolerance(300) * expected.abs().max()
+    assert _gemm.mm(a.double(), b.double()).dtype == torch.float64  # ineligible: PyTorch's
+
+
 STRIDED = {
     "expanded": lambda t: t[:1].expand_as(t),  # stride 0, as autograd's broadcast gradients are
     "every other row": lambda t: torch.cat([t, t]).reshape(2 * t.shape[0], -1)[::2],

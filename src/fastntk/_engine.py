@@ -135,7 +135,7 @@ def compute_kernel(
             if left is None or left[0] != i:
                 left = (i, right_factors(i, rows) if shared else method.left(take(x1, *rows)))
             right = left[1] if shared and i == j else right_factors(j, cols)
-            with fast_matmuls():
+            with fast_matmuls(intercept=False):  # the contractions call _gemm.mm
                 value = method.contract(left[1], right)
             out[rows[0]:rows[1], cols[0]:cols[1]] = value
             if symmetric and i != j:

@@ -4,11 +4,12 @@ PyTorch's CPU ``mm``/``addmm`` call MKL, whose float32 GEMM runs its AVX2 code p
 processors; oneDNN, also inside PyTorch (``torch.ops.mkldnn._linear_pointwise``, the op
 ``torch.compile`` uses for CPU linear layers), runs AVX-512 there and was measured about
 2x faster on the benchmark machine (AMD EPYC, 2 threads; ``bench/gemm.py``) at float32
-accuracy. The engines contract factors inside
-:func:`fast_matmuls`, which routes float32 CPU ``mm``/``addmm`` calls to oneDNN, and the
-structured method runs the model's forward and backward passes inside it when the
-model's forward FLOPs are mostly matrix products (a Python dispatch mode costs each op a
-few microseconds, which convolution networks with many small ops do not earn back).
+accuracy. Inside :func:`fast_matmuls` the library's own products (contractions, a chain's
+backward pass) call :func:`mm`, which goes to oneDNN directly; code the library does not
+own (a model's forward and backward passes) is routed by a Python dispatch mode that sends
+float32 CPU ``mm``/``addmm`` calls to oneDNN. The mode costs each op a few microseconds, so
+it is entered only around such passes, and only when the model's forward FLOPs are mostly
+matrix products (convolution networks with many small ops do not earn it back).
 Anything else (other dtypes, CUDA, an older PyTorch without the op) runs as before.
 
 Set the environment variable ``FASTNTK_ONEDNN=0`` to keep PyTorch's own kernels.
@@ -17,6 +18,7 @@ Set the environment variable ``FASTNTK_ONEDNN=0`` to keep PyTorch's own kernels.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from typing import Iterator
@@ -80,15 +82,36 @@ class _OneDNNMatmuls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+_ROUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastntk_onednn_routing", default=False)
+"""Whether :func:`mm` calls go to oneDNN (inside :func:`fast_matmuls`)."""
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; inside :func:`fast_matmuls`, by oneDNN when eligible, with no dispatch mode needed
+    (the library's own contractions call this; a model's passes need the mode)."""
+    if _ROUTING.get() and _eligible(a, b):
+        return _linear(a, b.T, None)
+    return a @ b
+
+
 @contextlib.contextmanager
-def fast_matmuls(enabled: bool = True) -> Iterator[None]:
+def fast_matmuls(enabled: bool = True, intercept: bool = True) -> Iterator[None]:
     """Run float32 CPU matrix products inside this block through oneDNN (when available and
-    ``enabled``: the dispatch costs every op of the block a few microseconds)."""
-    if not enabled or not onednn_available() or _active():
+    ``enabled``): those of :func:`mm` always, and with ``intercept`` every ``mm``/``addmm``
+    (a model's forward and backward passes) through a dispatch mode, which costs every op of
+    the block a few microseconds."""
+    if not enabled or not onednn_available():
         yield
         return
-    with _OneDNNMatmuls():
-        yield
+    token = _ROUTING.set(True)
+    try:
+        if intercept and not _active():
+            with _OneDNNMatmuls():
+                yield
+        else:
+            yield
+    finally:
+        _ROUTING.reset(token)
 
 
 def _active() -> bool:

@@ -56,7 +56,7 @@ class KernelMethod(ABC):
         """K(x, x) of one block (a method may contract factors as they come, keeping fewer)."""
         left = self.left(x)
         right = left if self.symmetric_factors else self.right(x)
-        with fast_matmuls():
+        with fast_matmuls(intercept=False):  # the contractions call _gemm.mm
             return self.contract(left, right)
 
     def left_and_right(self, x1: Batch, x2: Batch) -> tuple[Any, Any]:

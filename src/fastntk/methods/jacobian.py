@@ -10,6 +10,7 @@ import torch
 from torch.func import jacrev, vmap
 
 from .._functional import FunctionalModel, Params
+from .._gemm import mm
 from .._inputs import Batch
 from .._modes import Mode
 from .base import KernelMethod
@@ -64,11 +65,11 @@ def summed_over_outputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n1, o, p = a.shape
     n2 = b.shape[0]
     if (is_output_major(a) or is_output_major(b)) and 2 * n1 * n2 * p >= PER_OUTPUT_GEMM_FLOPS:
-        total = a[:, 0] @ b[:, 0].T
+        total = mm(a[:, 0], b[:, 0].T)
         for i in range(1, o):
-            total += a[:, i] @ b[:, i].T
+            total += mm(a[:, i], b[:, i].T)
         return total
-    return a.reshape(n1, o * p) @ b.reshape(n2, o * p).T
+    return mm(a.reshape(n1, o * p), b.reshape(n2, o * p).T)
 
 
 def contract_jacobian_pair(a: torch.Tensor, b: torch.Tensor, mode: Mode) -> torch.Tensor:
@@ -79,7 +80,7 @@ def contract_jacobian_pair(a: torch.Tensor, b: torch.Tensor, mode: Mode) -> torc
     if mode == "full":
         rows1, major1 = output_rows(a)
         rows2, major2 = output_rows(b)
-        product = rows1 @ rows2.T
+        product = mm(rows1, rows2.T)
         # to (N1, N2, O, O) from the storage orders of the two sides
         shape = [o, n1] if major1 else [n1, o]
         shape += [o, n2] if major2 else [n2, o]

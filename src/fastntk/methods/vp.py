@@ -18,6 +18,7 @@ from torch.func import jvp, vmap
 
 from .._errors import ModelError
 from .._functional import Params
+from .._gemm import fast_matmuls
 from .._inputs import Batch, batch_size
 from .base import KernelMethod
 from .jacobian import jacobian_bytes, per_sample_jacobians
@@ -49,7 +50,7 @@ class VPMethod(KernelMethod):
             return jvp(lambda p: f(p, left), (primals,), (tangent,))[1]  # (N1, O)
 
         chunk = self.vmap_chunk or max(1, SAMPLE_EVALUATIONS // batch_size(left))
-        with forward_mode_kernels():
+        with fast_matmuls(), forward_mode_kernels():  # the model's passes: through the dispatch mode
             try:
                 products = vmap(push, chunk_size=chunk)(tangents)  # K[n, m, a, b] at [m·O + b, n, a]
             except NotImplementedError as exc:

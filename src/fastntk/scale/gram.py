@@ -514,7 +514,7 @@ def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block:
                 t += 1
                 right = cache.get(right_key(b), t, size(right_key(b)), factors(right_key(b)))
             current = left if shared and b.i == b.j else right
-            with fast_matmuls():
+            with fast_matmuls(intercept=False):  # the contractions call _gemm.mm
                 value = kernel.contract(left, current)
         if problem.fn.mean:
             value = value / problem.num_outputs

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 import torch.nn.functional as F
 
+from ..._gemm import mm
 from .conv_geometry import ARGUMENTS as CONV_ARGUMENTS
 from .conv_geometry import ConvGeometry
 from .flops import CONVOLUTIONS
@@ -230,11 +231,11 @@ def chain_cotangents(
         if step.kind == "linear":
             assert weight is not None
             if common is None:
-                g, owned = laid_out(g.reshape(-1, weight.shape[0]) @ weight, input_shape), True
+                g, owned = laid_out(mm(g.reshape(-1, weight.shape[0]), weight), input_shape), True
             elif basis and len(shape) == 2:
                 common = weight[start:stop]
             else:
-                common = (common.reshape(-1, weight.shape[0]) @ weight).reshape(k, *input_shape[1:])
+                common = mm(common.reshape(-1, weight.shape[0]), weight).reshape(k, *input_shape[1:])
             basis, structured = False, None
         elif step.kind == "conv":
             assert weight is not None and step.geometry is not None

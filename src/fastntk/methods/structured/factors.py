@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from ..._gemm import mm
 from ..._modes import Mode
 from ..jacobian import contract_jacobian_pair, is_output_major, jacobian_pair_flops, summed_over_outputs
 
@@ -24,7 +25,7 @@ def dot_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
     """X[n, m, s, t] = ⟨k1[n, s], k2[m, t]⟩ for keys (N, S, d)."""
     n1, s1, d = k1.shape
     n2, s2, _ = k2.shape
-    return (k1.reshape(n1 * s1, d) @ k2.reshape(n2 * s2, d).T).reshape(n1, s1, n2, s2).permute(0, 2, 1, 3)
+    return mm(k1.reshape(n1 * s1, d), k2.reshape(n2 * s2, d).T).reshape(n1, s1, n2, s2).permute(0, 2, 1, 3)
 
 
 def index_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
@@ -203,7 +204,7 @@ class RowsPairFactor:
         assert self.rows.shape == other.rows.shape  # the output layer's rows, on both sides
         x = keys_gram(self.keys, other.keys, "dot", self.plus_one, self.derivative.dtype)
         weights = self.rows.square().sum(0)  # Σ_a rows[a, k]²
-        product = (self.derivative * weights) @ other.derivative.T
+        product = mm(self.derivative * weights, other.derivative.T)
         return product.mul_(x.reshape(product.shape))
 
     def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:

@@ -268,7 +268,7 @@ class StructuredMethod(KernelMethod):
     def gram_from(self, streamed: GramStream, factors: Factors, x: Batch) -> torch.Tensor:
         """K(x, x): what ``streamed`` accumulated plus the contraction of the other groups' factors."""
         rest = self.with_fallback({g: f for g, f in factors.items() if g not in streamed.nbytes}, x)
-        with fast_matmuls():
+        with fast_matmuls(intercept=False):  # the contractions call _gemm.mm
             return streamed.kernel.add_(self.contract(rest, rest)) if rest else streamed.kernel
 
     def take_kept(self, x: Batch, kernel: bool) -> Factors | torch.Tensor | None:
@@ -305,7 +305,7 @@ class StructuredMethod(KernelMethod):
             chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk, sample_major=trace, keep_rows=trace)
         else:
             chunks = per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph)
-        with fast_matmuls(fast):
+        with fast_matmuls(fast, intercept=not chain):  # a chain's backward calls _gemm.mm
             for start, cotangents in zip(range(0, o, chunk), chunks):
                 for i, (use, g) in enumerate(zip(uses, cotangents)):
                     if g is not None:  # None: this layer does not affect the outputs
