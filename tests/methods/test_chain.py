@@ -140,6 +140,19 @@ def test_layer_before_the_dense_output_layer_keeps_compact_cotangents_in_trace_m
     assert not any(isinstance(f, RowsPairFactor) for group, f in factors.items() if group != ("2.weight", "2.bias"))
 
 
+@pytest.mark.parametrize(("case", "compact"), [("mlp", {1}), ("single_output", {0}), ("chain_mlp", {2}), ("inplace_relu", {1}), ("tutorial_cnn", set()), ("conv_same_even", set())])
+def test_compact_uses_are_the_dense_layers_before_the_last_activation(case: str, compact: set[int]) -> None:
+    """Only a dense layer right before the last activation (on vectors) has cotangents
+    derivative ⊙ rows; chain_cotangents gives exactly those uses compact cotangents."""
+    from fastntk.methods.structured.chain import RowsCotangents, chain_cotangents, compact_uses
+
+    observed = captured(case)
+    n, o = observed.outputs.shape
+    assert compact_uses(observed.chain) == compact
+    found = chain_cotangents(observed.chain, len(observed.uses), n, 0, o, sample_major=True, keep_rows=True)
+    assert {i for i, g in enumerate(found) if isinstance(g, RowsCotangents)} == compact
+
+
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
 def test_compact_factor_contracts_like_its_formed_self(mode: str) -> None:
     from fastntk.methods.structured.factors import RowsPairFactor

@@ -191,6 +191,20 @@ class RowsCotangents:
         return self.derivative[:, None, :] * self.rows[None]
 
 
+ACTIVATION_KINDS = frozenset(ACTIVATIONS.values()) | frozenset(FROM_INPUT.values())
+
+
+def compact_uses(steps: list[Step]) -> set[int]:
+    """The uses whose cotangents :func:`chain_cotangents` keeps as :class:`RowsCotangents`: a
+    dense layer right before the chain's last activation, when that activation takes one
+    vector per sample (after it, the cotangents are common to all samples)."""
+    last = next((i for i in range(len(steps) - 1, 0, -1) if steps[i].kind in ACTIVATION_KINDS), None)
+    if last is None or len(steps[last].input_shape) != 2:
+        return set()
+    before = steps[last - 1]
+    return {before.use} if before.kind == "linear" and before.use is not None else set()
+
+
 @torch.no_grad()
 def chain_cotangents(
     steps: list[Step], num_uses: int, n: int, start: int, stop: int, sample_major: bool = False, keep_rows: bool = False
@@ -219,6 +233,7 @@ def chain_cotangents(
     basis = True  # common is still the outputs' basis (then a dense layer's are rows of its weight)
     owned = False  # whether g may be written in place
     structured: RowsCotangents | None = None  # g is derivative ⊙ rows
+    compact = compact_uses(steps) if keep_rows else set()
     found: list[torch.Tensor | RowsCotangents | None] = [None] * num_uses
     for i in range(len(steps) - 1, -1, -1):
         step = steps[i]
@@ -253,7 +268,7 @@ def chain_cotangents(
             structured = None
         else:
             if common is not None:
-                structured = RowsCotangents(step.derivative().to(common.dtype), common) if keep_rows and len(shape) == 2 else None
+                structured = RowsCotangents(step.derivative().to(common.dtype), common) if steps[i - 1].use in compact else None
                 g, owned, common = spread(common), False, None
             else:
                 structured = None

@@ -24,7 +24,7 @@ from ..._modes import Mode, block_shape
 from ..base import KernelMethod
 from ..jacobian import contract_jacobian_pair, flat_jacobian, jacobian_bytes, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents, samples_of
-from .chain import RowsCotangents, chain_cotangent_chunks
+from .chain import RowsCotangents, chain_cotangent_chunks, compact_uses
 from .factors import Factor, JacobianFactor, PairFactor, RowsPairFactor, as_pair
 from .rules.base import Roles
 
@@ -71,7 +71,8 @@ class GramStream:
                 kept[group] = factor
                 continue
             j = factor.jacobian
-            block = contract_jacobian_pair(j, j, self.mode)
+            with fast_matmuls(intercept=False):  # the contraction calls _gemm.mm
+                block = contract_jacobian_pair(j, j, self.mode)
             if self.mode == "trace":
                 self.kernel += block
             else:
@@ -127,6 +128,8 @@ class StructuredMethod(KernelMethod):
     kept: tuple[Batch, Factors | torch.Tensor] | None = None
     """The calibration block and its structured factors, for the first ``left`` call on that
     block; or, for a Gram matrix of that one block, its kernel, for the first ``gram`` call."""
+    probed_chain: bool = False
+    """Whether the size estimate's forward pass saw a chain (then calibration records no graph)."""
     chain_allowed: bool = True
     """Whether calibration may take the cotangents from the model's chain (False after the
     gradient check rejected them once)."""
@@ -148,15 +151,15 @@ class StructuredMethod(KernelMethod):
 
         Each covered use's rule sizes its factors from shapes (``Rule.factor_bytes``); one
         output's cotangents come on top, and the Jacobian rows of the parameters no rule
-        covers. A chain model (:mod:`.chain`) has its factors of these few samples computed
-        instead, no autograd needed (some are compact, see ``RowsPairFactor``). Calibration
-        can still send groups to the fallback (conflicting uses of a shared parameter, a
-        failed gradient check); the engine then re-sizes its blocks.
+        covers. A chain model (:mod:`.chain`) whose factors include compact ones in trace
+        mode (``RowsPairFactor``) has its factors of these few samples computed instead, no
+        autograd needed. Calibration can still send groups to the fallback (conflicting uses
+        of a shared parameter, a failed gradient check); the engine then re-sizes its blocks.
         """
         observed = capture(self.f, x, graph=False)
         n, o = observed.outputs.shape
         sizes = {name: p.numel() for name, p in self.f.primals.items()}
-        if observed.chain is not None and self.chain_allowed:
+        if observed.chain is not None and self.chain_allowed and self.mode == "trace" and compact_uses(observed.chain):
             factors, _ = self.factors_of(observed, chunk=o, chain=True)
             total = sum(f.nbytes() for f in factors.values())
         else:
@@ -167,6 +170,7 @@ class StructuredMethod(KernelMethod):
             )
         fallback = sorted(observed.unstructured & set(self.f.primals))
         self.size_estimate = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
+        self.probed_chain = observed.chain is not None
 
     def use_factors(self, use: Use, cotangents: torch.Tensor | RowsCotangents, roles: list[Roles], num_outputs: int) -> Factors:
         """One use's factors from its cotangents (N, K, *output shape[1:]), or from compact ones."""
@@ -192,7 +196,9 @@ class StructuredMethod(KernelMethod):
         too (x is the whole of a Gram matrix's inputs), K(x, x) itself is kept for ``gram(x)``,
         in trace and diagonal modes contracted as the factors come (:class:`GramStream`).
         """
-        observed = capture(self.f, x)
+        observed = capture(self.f, x, graph=not (self.probed_chain and self.chain_allowed))
+        if observed.outputs.grad_fn is None and observed.chain is None:  # not a chain on these inputs after all
+            observed = capture(self.f, x)
         n, o = observed.outputs.shape
         names = list(observed.primals)
         per_direction = direction_bytes(observed)
