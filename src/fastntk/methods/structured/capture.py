@@ -8,6 +8,7 @@ a selected parameter sends that parameter to the exact Jacobian fallback.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -156,7 +157,23 @@ def capture(f: FunctionalModel, x: Batch, clone_outputs: bool = False, graph: bo
         else:
             unstructured.update(use.roles.values())
     chain = chain_of(recorder.calls, len(recorder.uses), outputs) if len(uses) == len(recorder.uses) else None
+    if chain is not None and not graph:
+        chain = shed_layer_outputs(uses, chain)
     return Capture(primals, outputs, uses, unstructured, recorder.flops, recorder.matmul_flops, clone_outputs, chain)
+
+
+def shape_of(t: torch.Tensor) -> torch.Tensor:
+    """A stand-in with t's shape, dtype and device and no storage of its own."""
+    return torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+def shed_layer_outputs(uses: list[Use], chain: list[Step]) -> list[Step]:
+    """Let the layers' outputs go once a graph-free pass has recorded a chain: its backward
+    pass reads only their shapes (the activations keep what their derivatives read), and
+    their memory serves the cotangents instead of fresh pages."""
+    for use in uses:
+        use.output = use.returned = shape_of(use.output)
+    return [dataclasses.replace(step, output=shape_of(step.output)) if step.kind in ("linear", "conv", "reshape") else step for step in chain]
 
 
 def per_output_cotangents(
