@@ -165,3 +165,22 @@ def test_compact_factor_contracts_like_its_formed_self(mode: str) -> None:
     expected = a.materialized().contract(b.materialized(), mode)
     for left, right in ((a, b), (a, b.materialized()), (a.materialized(), b)):
         torch.testing.assert_close(left.contract(right, mode), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["chain_mlp", "tutorial_cnn"])
+def test_graph_free_chain_capture_lets_layer_outputs_go(case: str) -> None:
+    """Only the outputs' shapes are kept (the cotangents reuse their memory); the activations
+    the backward pass reads stay, and the cotangents are still autograd's."""
+    c = CASES_BY_NAME[case]
+    f = FunctionalModel.build(c.build(torch.float64))
+    x = c.draw(4, torch.float64)
+    shed, kept = capture(f, x, graph=False), capture(f, x)
+    assert shed.chain is not None
+    for a, b in zip(shed.uses, kept.uses, strict=True):
+        assert a.output.shape == b.output.shape and a.output.untyped_storage().nbytes() <= a.output.element_size()
+    assert all(s.output.untyped_storage().nbytes() > s.output.element_size() for s in shed.chain if s.kind not in ("linear", "conv", "reshape"))
+    n, o = shed.outputs.shape
+    expected = per_output_cotangents(kept.outputs, [use.output for use in kept.uses], o)
+    for want, got in zip(expected, chain_cotangent_chunks(shed.chain, len(shed.uses), n, o, o), strict=True):
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
