@@ -4,8 +4,8 @@ When everything from the first recorded layer to the model's outputs is a single
 ``F.linear`` calls, convolutions (1d/2d/3d), ReLU/tanh/sigmoid/GELU/SiLU activations,
 reshapes and dropout in eval mode, each taking the previous one's output, the cotangents of
 the recorded layer outputs for k outputs at once are k·N-row GEMMs against the weights
-(transposed convolutions for a convolution) and in-place products with the activations'
-derivatives: no autograd graph in the forward pass, no batched autograd in the backward.
+(transposed convolutions for a convolution) and the activations' fused backward kernels:
+no autograd graph in the forward pass, no batched autograd in the backward.
 Between the outputs and the last activation the cotangents are the same for every sample:
 they are computed once, for k rows (a dense output layer's are its weight rows), and
 broadcast over the samples. Anything else (a residual branch, a normalisation, an op
@@ -36,18 +36,13 @@ ACTIVATIONS: dict[Callable, Kind] = {
 }
 FROM_INPUT: dict[Callable, Kind] = {F.gelu: "gelu", F.silu: "silu"}
 """Activations whose derivative is computed from their input (not in place)."""
-FUSED_BACKWARD = {
-    "relu": torch.ops.aten.threshold_backward,
-    "tanh": torch.ops.aten.tanh_backward,
-    "sigmoid": torch.ops.aten.sigmoid_backward,
+FUSED_BACKWARD: dict[Kind, tuple[Any, tuple]] = {
+    "relu": (torch.ops.aten.threshold_backward, (0,)),
+    "tanh": (torch.ops.aten.tanh_backward, ()),
+    "sigmoid": (torch.ops.aten.sigmoid_backward, ()),
 }
-"""Backward kernels of activations, from their outputs (ReLU's: its output is positive where its input is)."""
-
-
-def fused_arguments(kind: Kind) -> tuple:
-    return (0,) if kind == "relu" else ()
-
-
+"""Backward kernels of activations from their outputs, and their extra arguments (ReLU's
+threshold: its output is positive where its input is)."""
 RESHAPES = (torch.Tensor.reshape, torch.reshape, torch.Tensor.view, torch.Tensor.flatten, torch.flatten)
 DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
@@ -72,6 +67,8 @@ class Step:
     kind: Kind
     input_shape: torch.Size
     output: torch.Tensor
+    """What the link returned (for a layer or a reshape, possibly a stand-in of its shape only,
+    see :func:`.capture.shed_layer_outputs`)."""
     weight: torch.Tensor | None = None
     use: int | None = None
     version: int = 0
@@ -97,13 +94,13 @@ class Step:
         """The cotangents of the activation's input from those of its output, g (laid out as
         (k, N, ...), or (N, k, ...) with ``sample_major``); written over g when ``owned``.
         ReLU, tanh and sigmoid use PyTorch's own fused backward kernels."""
-        fused = FUSED_BACKWARD.get(self.kind)
-        if fused is None:
+        if self.kind not in FUSED_BACKWARD:
             d = self.derivative()
             d = d.unsqueeze(1) if sample_major else d
             return g.mul_(d) if owned else g * d
+        kernel, extra = FUSED_BACKWARD[self.kind]
         y = self.output.unsqueeze(1) if sample_major else self.output
-        return fused.grad_input(g, y, *fused_arguments(self.kind), grad_input=g) if owned else fused(g, y, *fused_arguments(self.kind))
+        return kernel.grad_input(g, y, *extra, grad_input=g) if owned else kernel(g, y, *extra)
 
     def intact(self) -> bool:
         """Whether what the backward pass reads (an activation's output or input) is unchanged."""
@@ -238,7 +235,7 @@ def chain_cotangents(
     for i in range(len(steps) - 1, -1, -1):
         step = steps[i]
         if step.use is not None:
-            found[step.use] = structured if keep_rows and structured is not None else g if common is None else spread(common)
+            found[step.use] = structured if structured is not None else g if common is None else spread(common)
         if i == 0:
             break
         input_shape = tuple(step.input_shape)
