@@ -226,6 +226,21 @@ class SequenceLinear(nn.Module):
         return self.head(torch.tanh(self.fc(x)).mean(1))
 
 
+class PaddedMean(nn.Module):
+    """Convolutions around a reflection padding, then a mean over the positions: affine links of a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3)
+        self.conv2 = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        y = torch.tanh(self.conv2(F.pad(y, (1, 1, 1, 1), mode="reflect")))
+        return self.head(y.mean(dim=(-2, -1)))
+
+
 STRUCTURED_CASES: list[Case] = [
     Case("conv2d_options", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)), normal(2, 7, 7)),
     Case("conv2d_groups", lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 2)), normal(4, 5, 5)),
@@ -236,6 +251,14 @@ STRUCTURED_CASES: list[Case] = [
         lambda: nn.Sequential(nn.Conv2d(2, 3, (2, 4), padding="same"), nn.Tanh(), nn.Conv2d(3, 3, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)),
         normal(2, 6, 6),
     ),
+    Case(  # average pooling, then global average pooling into a dense head
+        "chain_pooled",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 4, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+        ),
+        normal(2, 8, 8),
+    ),
+    Case("padded_mean", PaddedMean, normal(2, 6, 6)),
     Case("conv3d", lambda: nn.Sequential(nn.Conv3d(1, 2, 2, stride=(1, 2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 2 * 3, 2)), normal(1, 4, 4, 4)),
     Case("groupnorm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)), normal(2, 5, 5)),
     Case("embedding_padding", lambda: TokenModel(padding_idx=0), tokens()),

@@ -12,12 +12,12 @@ from fastntk._functional import FunctionalModel
 from fastntk.methods import StructuredMethod
 from fastntk.methods.structured import chain as chain_module
 from fastntk.methods.structured.capture import capture, per_output_cotangents
-from fastntk.methods.structured.chain import chain_cotangent_chunks
+from fastntk.methods.structured.chain import SHAPE_ONLY, chain_cotangent_chunks
 
-DENSE_CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp", "chain_shared", "chain_gelu", "multidim_output"]
-CONV_CHAINS = ["tutorial_cnn", "conv1d", "conv2d_options", "conv2d_groups", "depthwise_separable", "conv1d_dilated", "conv3d", "conv_same_even", "inplace_relu"]
+DENSE_CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp", "chain_shared", "chain_gelu", "multidim_output", "sequence_short", "sequence_long"]
+CONV_CHAINS = ["tutorial_cnn", "conv1d", "conv2d_options", "conv2d_groups", "depthwise_separable", "conv1d_dilated", "conv3d", "conv_same_even", "inplace_relu", "chain_pooled", "padded_mean"]
 CHAINS = DENSE_CHAINS + CONV_CHAINS
-NOT_CHAINS = ["residual", "layernorm_gelu", "transformer", "sequence_long", "tied", "tuple_output", "token_dict", "groupnorm", "batchnorm_eval"]
+NOT_CHAINS = ["residual", "layernorm_gelu", "transformer", "tied", "tuple_output", "token_dict", "groupnorm", "batchnorm_eval"]
 
 
 def captured(case: str, n: int = 4):
@@ -178,9 +178,44 @@ def test_graph_free_chain_capture_lets_layer_outputs_go(case: str) -> None:
     assert shed.chain is not None
     for a, b in zip(shed.uses, kept.uses, strict=True):
         assert a.output.shape == b.output.shape and a.output.untyped_storage().nbytes() <= a.output.element_size()
-    assert all(s.output.untyped_storage().nbytes() > s.output.element_size() for s in shed.chain if s.kind not in ("linear", "conv", "reshape"))
+    assert all(s.output.untyped_storage().nbytes() > s.output.element_size() for s in shed.chain if s.kind not in SHAPE_ONLY)
     n, o = shed.outputs.shape
     expected = per_output_cotangents(kept.outputs, [use.output for use in kept.uses], o)
     for want, got in zip(expected, chain_cotangent_chunks(shed.chain, len(shed.uses), n, o, o), strict=True):
         for a, b in zip(want, got, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("dim", "link"), [(1, True), (-1, True), ((1,), True), (0, False), (-2, False), ((0, 1), False), (None, False)])
+def test_reductions_over_the_samples_are_not_links(dim: object, link: bool) -> None:
+    """A mean over a sample's own dims is an affine link; one over the batch mixes samples
+    (even where the result keeps N rows, as here with a square block)."""
+    from fastntk.methods.structured.chain import Call, step_of
+
+    x = torch.randn(4, 4)
+    out = x.mean() if dim is None else x.mean(dim)
+    call = Call(torch.Tensor.mean, (x,) if dim is None else (x, dim), {}, [x], out, None)
+    assert (step_of(call, x) is not None) is link
+
+
+@pytest.mark.slow
+def test_chains_never_import_dynamo() -> None:
+    """torch.func's first gradient transform in a process imports torch._dynamo (~0.6 s of a
+    first call): a chain's backward, affine links included, uses plain autograd and ops."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, fastntk\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from cases import CASES_BY_NAME\n"
+        "c = CASES_BY_NAME['chain_pooled']\n"
+        "model = c.build(torch.float32)\n"
+        "fastntk.ntk(model, c.draw(3, torch.float32), c.draw(2, torch.float32, seed=1), method='structured')\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ..._functional import FunctionalModel, Params
 from ..._inputs import Batch, batch_size
-from .chain import Call, Step, chain_of, samples_of_steps
+from .chain import SHAPE_ONLY, Call, Step, chain_of, samples_of_steps
 from .flops import CONVOLUTIONS, op_flops
 from .rules import RULES, Rule
 from .rules.base import Roles, Saved
@@ -173,7 +173,7 @@ def shed_layer_outputs(uses: list[Use], chain: list[Step]) -> list[Step]:
     their memory serves the cotangents instead of fresh pages."""
     for use in uses:
         use.output = use.returned = shape_of(use.output)
-    return [dataclasses.replace(step, output=shape_of(step.output)) if step.kind in ("linear", "conv", "reshape") else step for step in chain]
+    return [dataclasses.replace(step, output=shape_of(step.output)) if step.kind in SHAPE_ONLY else step for step in chain]
 
 
 def per_output_cotangents(

@@ -2,7 +2,8 @@
 
 When everything from the first recorded layer to the model's outputs is a single chain of
 ``F.linear`` calls, convolutions (1d/2d/3d), ReLU/tanh/sigmoid/GELU/SiLU activations,
-reshapes and dropout in eval mode, each taking the previous one's output, the cotangents of
+average pooling, padding, means and sums over a sample's own dims, reshapes and dropout in
+eval mode, each taking the previous one's output, the cotangents of
 the recorded layer outputs for k outputs at once are k·N-row GEMMs against the weights
 (transposed convolutions for a convolution) and the activations' fused backward kernels:
 no autograd graph in the forward pass, no batched autograd in the backward.
@@ -27,7 +28,7 @@ from .conv_geometry import ARGUMENTS as CONV_ARGUMENTS
 from .conv_geometry import ConvGeometry
 from .flops import CONVOLUTIONS
 
-Kind = Literal["linear", "conv", "relu", "tanh", "sigmoid", "gelu", "silu", "reshape"]
+Kind = Literal["linear", "conv", "affine", "relu", "tanh", "sigmoid", "gelu", "silu", "reshape"]
 
 ACTIVATIONS: dict[Callable, Kind] = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu",
@@ -43,6 +44,15 @@ FUSED_BACKWARD: dict[Kind, tuple[Any, tuple]] = {
 }
 """Backward kernels of activations from their outputs, and their extra arguments (ReLU's
 threshold: its output is positive where its input is)."""
+AFFINE = (
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.pad, torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum,
+)
+"""Maps that are affine in their input and act on each sample alone (average pooling, padding,
+means and sums over a sample's own dims): the cotangents of their input are their adjoint's."""
+REDUCTIONS = (torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum)
+SHAPE_ONLY = frozenset({"linear", "conv", "affine", "reshape"})
+"""Kinds of link whose backward pass reads only the shape of what they returned."""
 RESHAPES = (torch.Tensor.reshape, torch.reshape, torch.Tensor.view, torch.Tensor.flatten, torch.flatten)
 DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
@@ -77,6 +87,8 @@ class Step:
     input_version: int = 0
     geometry: ConvGeometry | None = None
     """A convolution's options."""
+    affine: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """An affine map, applied to a batch (for its adjoint)."""
 
     def derivative(self) -> torch.Tensor:
         """The activation's elementwise derivative, per sample (N, ...)."""
@@ -101,6 +113,15 @@ class Step:
         kernel, extra = FUSED_BACKWARD[self.kind]
         y = self.output.unsqueeze(1) if sample_major else self.output
         return kernel.grad_input(g, y, *extra, grad_input=g) if owned else kernel(g, y, *extra)
+
+    def adjoint(self, g: torch.Tensor, sample_shape: tuple[int, ...]) -> torch.Tensor:
+        """The cotangents of an affine map's input from those of its output g (B, ...): its
+        vector-Jacobian product, taken at zeros (the map's linear part is the same everywhere;
+        plain autograd: torch.func's first use in a process imports torch._dynamo, ~0.6 s)."""
+        assert self.affine is not None
+        with torch.enable_grad():
+            zeros = g.new_zeros((), requires_grad=True).expand(g.shape[0], *sample_shape)
+            return torch.autograd.grad(self.affine(zeros), zeros, g)[0]
 
     def intact(self) -> bool:
         """Whether what the backward pass reads (an activation's output or input) is unchanged."""
@@ -141,7 +162,19 @@ def step_of(call: Call, current: torch.Tensor) -> Step | None:
         return None if training else Step("reshape", current.shape, call.output)
     if call.func in RESHAPES and call.output.dtype == current.dtype and call.output.numel() == current.numel():
         return Step("reshape", current.shape, call.output)  # (not a view as another dtype)
+    if call.func in AFFINE and call.output.dtype == current.dtype and sample_wise(call, current):
+        func, rest, kwargs = call.func, call.args[1:], {k: v for k, v in call.kwargs.items() if k != "input"}
+        return Step("affine", current.shape, call.output, affine=lambda t: func(t, *rest, **kwargs))
     return None
+
+
+def sample_wise(call: Call, current: torch.Tensor) -> bool:
+    """Whether a reduction keeps the samples apart: it names its dims, and not the batch's."""
+    if call.func not in REDUCTIONS:
+        return True
+    dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
+    dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
+    return bool(dims) and all(d % current.dim() != 0 for d in dims)
 
 
 def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[Step] | None:
@@ -255,6 +288,12 @@ def chain_cotangents(
                 g, owned = laid_out(step.geometry.input_cotangents(g.reshape(-1, *shape[1:]), weight, input_shape[1:]), input_shape), True
             else:
                 common = step.geometry.input_cotangents(common, weight, input_shape[1:])
+            basis, structured = False, None
+        elif step.kind == "affine":
+            if common is None:
+                g, owned = laid_out(step.adjoint(g.reshape(-1, *shape[1:]), input_shape[1:]), input_shape), True
+            else:
+                common = step.adjoint(common, input_shape[1:])
             basis, structured = False, None
         elif step.kind == "reshape":
             basis = basis and input_shape == shape
