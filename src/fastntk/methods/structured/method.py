@@ -313,10 +313,12 @@ class StructuredMethod(KernelMethod):
             chunks = per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph)
         with fast_matmuls(fast, intercept=not chain):  # a chain's backward calls _gemm.mm
             for start, cotangents in zip(range(0, o, chunk), chunks):
-                for i, (use, g) in enumerate(zip(uses, cotangents)):
+                for i, use in enumerate(uses):
+                    g, cotangents[i] = cotangents[i], None  # each use's cotangents go once its factors are made
                     if g is not None:  # None: this layer does not affect the outputs
                         part = self.use_factors(use, g, roles_of[i], o)
                         parts[i].append(part if stream is None else stream.take(i, part, start))
+                    del g
                 del cotangents
         return merge_uses([stack_outputs(p) for p in parts if p])
 
