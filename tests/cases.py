@@ -246,9 +246,9 @@ STRUCTURED_CASES: list[Case] = [
     Case("conv2d_groups", lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 2)), normal(4, 5, 5)),
     Case("depthwise_separable", lambda: nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.ReLU(), nn.Conv2d(3, 5, 1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 2)), normal(3, 6, 6)),
     Case("conv1d_dilated", lambda: nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2, padding=1, bias=False), nn.GELU(), nn.Flatten(), nn.Linear(3 * 8, 2)), normal(2, 10)),
-    Case(  # padding="same" with even kernels (one more on the right), then a strided convolution
+    Case(  # padding="same" with even kernels (one more on the right), then a strided depthwise convolution
         "conv_same_even",
-        lambda: nn.Sequential(nn.Conv2d(2, 3, (2, 4), padding="same"), nn.Tanh(), nn.Conv2d(3, 3, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)),
+        lambda: nn.Sequential(nn.Conv2d(2, 3, (2, 4), padding="same"), nn.Tanh(), nn.Conv2d(3, 3, 3, stride=2, groups=3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)),
         normal(2, 6, 6),
     ),
     Case(  # average pooling, then global average pooling into a dense head

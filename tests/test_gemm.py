@@ -71,6 +71,19 @@ def test_explicit_products_need_no_dispatch_mode(routed: list) -> None:
     assert _gemm.mm(a.double(), b.double()).dtype == torch.float64  # ineligible: PyTorch's
 
 
+@needs_onednn
+def test_explicit_products_to_differentiate_stay_with_pytorch(routed: list) -> None:
+    """oneDNN's op has no autograd formula (its gradients would silently be missing)."""
+    a, b = operands((37, 300), (300, 23))
+    a.requires_grad_()
+    with fast_matmuls(intercept=False):
+        _gemm.mm(a, b).sum().backward()
+        with torch.no_grad():
+            _gemm.mm(a, b)
+    assert routed == [(37, 300, 23)]  # only the product under no_grad
+    torch.testing.assert_close(a.grad, b.sum(1).expand(37, 300))
+
+
 STRIDED = {
     "expanded": lambda t: t[:1].expand_as(t),  # stride 0, as autograd's broadcast gradients are
     "every other row": lambda t: torch.cat([t, t]).reshape(2 * t.shape[0], -1)[::2],

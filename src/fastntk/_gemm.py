@@ -89,8 +89,8 @@ _ROUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastntk_onednn_
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b; inside :func:`fast_matmuls`, by oneDNN when eligible, with no dispatch mode needed
     (the library's own contractions call this; a model's passes need the mode)."""
-    if _ROUTING.get() and _eligible(a, b):
-        return _linear(a, b.T, None)
+    if _ROUTING.get() and _eligible(a, b) and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return _linear(a, b.T, None)  # (oneDNN's op has no autograd formula: products to differentiate stay with PyTorch)
     return a @ b
 
 
