@@ -241,6 +241,11 @@ class PaddedMean(nn.Module):
         return self.head(y.mean(dim=(-2, -1)))
 
 
+class SumPositions(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=(2, 3))
+
+
 STRUCTURED_CASES: list[Case] = [
     Case("conv2d_options", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)), normal(2, 7, 7)),
     Case("conv2d_groups", lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 2)), normal(4, 5, 5)),
@@ -259,6 +264,11 @@ STRUCTURED_CASES: list[Case] = [
         normal(2, 8, 8),
     ),
     Case("padded_mean", PaddedMean, normal(2, 6, 6)),
+    Case(  # a sum over positions (its adjoint is a broadcast view) between activations
+        "summed",
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 4, 3), nn.ReLU(), SumPositions(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)),
+        normal(2, 7, 7),
+    ),
     Case("conv3d", lambda: nn.Sequential(nn.Conv3d(1, 2, 2, stride=(1, 2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 2 * 3, 2)), normal(1, 4, 4, 4)),
     Case("groupnorm", lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)), normal(2, 5, 5)),
     Case("embedding_padding", lambda: TokenModel(padding_idx=0), tokens()),

@@ -8,8 +8,9 @@ accuracy. Inside :func:`fast_matmuls` the library's own products (contractions, 
 backward pass) call :func:`mm`, which goes to oneDNN directly; code the library does not
 own (a model's forward and backward passes) is routed by a Python dispatch mode that sends
 float32 CPU ``mm``/``addmm`` calls to oneDNN. The mode costs each op a few microseconds, so
-it is entered only around such passes, and only when the model's forward FLOPs are mostly
-matrix products (convolution networks with many small ops do not earn it back).
+it is entered only around such passes: the structured method's, when the model's forward
+FLOPs are mostly matrix products (convolution networks with many small ops do not earn it
+back), and the vp method's forward-mode passes.
 Anything else (other dtypes, CUDA, an older PyTorch without the op) runs as before.
 
 Set the environment variable ``FASTNTK_ONEDNN=0`` to keep PyTorch's own kernels.

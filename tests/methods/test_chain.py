@@ -15,7 +15,7 @@ from fastntk.methods.structured.capture import capture, per_output_cotangents
 from fastntk.methods.structured.chain import SHAPE_ONLY, chain_cotangent_chunks
 
 DENSE_CHAINS = ["mlp", "tanh", "single_output", "frozen", "chain_mlp", "chain_shared", "chain_gelu", "multidim_output", "sequence_short", "sequence_long"]
-CONV_CHAINS = ["tutorial_cnn", "conv1d", "conv2d_options", "conv2d_groups", "depthwise_separable", "conv1d_dilated", "conv3d", "conv_same_even", "inplace_relu", "chain_pooled", "padded_mean"]
+CONV_CHAINS = ["tutorial_cnn", "conv1d", "conv2d_options", "conv2d_groups", "depthwise_separable", "conv1d_dilated", "conv3d", "conv_same_even", "inplace_relu", "chain_pooled", "padded_mean", "summed"]
 CHAINS = DENSE_CHAINS + CONV_CHAINS
 NOT_CHAINS = ["residual", "layernorm_gelu", "transformer", "tied", "tuple_output", "token_dict", "groupnorm", "batchnorm_eval"]
 
@@ -60,7 +60,7 @@ def test_chain_models_record_no_graph_after_calibration(case: str, mode: str, mo
     method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), mode, 3 if case == "chain_mlp" else 2)
     method.calibrate(c.draw(4, torch.float64), keep=True)
     assert method.calibration.chain
-    # the calibration pass records a graph (for its check), but the factors it keeps hang on none
+    # whether or not the calibration pass recorded a graph, the factors it keeps hang on none
     assert not any(t.requires_grad for t in factor_tensors(method.kept[1]))
 
     def no_autograd(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -219,3 +219,15 @@ def test_chains_never_import_dynamo() -> None:
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_an_activation_written_over_later_is_no_link() -> None:
+    """tanh's backward reads its output: an in-place ReLU over it later in the pass (seen by
+    the version counters recorded as each op ran) leaves the model to autograd."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
+    written_over = capture(FunctionalModel.build(model), torch.randn(5, 3, dtype=torch.float64))
+    assert written_over.chain is None
+    model[2] = nn.ReLU()  # not in place: a chain
+    assert capture(FunctionalModel.build(model), torch.randn(5, 3, dtype=torch.float64)).chain is not None

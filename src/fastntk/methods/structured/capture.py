@@ -62,7 +62,7 @@ class Capture:
     cloned: bool = False
     """Whether the recorded outputs are copies (the model writes over some of them in place)."""
     chain: list[Step] | None = None
-    """The model as one chain of dense layers and activations, when it is one (see :mod:`.chain`)."""
+    """The model as one chain of layers, activations and affine maps, when it is one (see :mod:`.chain`)."""
 
 
 def samples_of(observed: Capture, start: int, stop: int) -> Capture:
@@ -105,7 +105,8 @@ class _Recorder(TorchFunctionMode):
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         output = self.record(func, args, kwargs, inputs)
         if isinstance(output, torch.Tensor):
-            self.calls.append(Call(func, args, kwargs, inputs, output, before if len(self.uses) > before else None))
+            use = before if len(self.uses) > before else None
+            self.calls.append(Call(func, args, kwargs, inputs, output, use, output._version, tuple(t._version for t in inputs)))
         return output
 
     def record(self, func, args, kwargs, inputs: list[torch.Tensor]):  # noqa: ANN001, ANN201

@@ -60,7 +60,9 @@ DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F
 @dataclass
 class Call:
     """One op the forward pass ran: its function, arguments (and the tensors among them), the
-    tensor the model got back, and the index of the recorded use it was (None: not a use)."""
+    tensor the model got back, and the index of the recorded use it was (None: not a use);
+    the version counters of its output and inputs right after it ran (so that in-place writes
+    later in the pass show)."""
 
     func: Callable
     args: tuple
@@ -68,6 +70,8 @@ class Call:
     inputs: list[torch.Tensor]
     output: torch.Tensor
     use: int | None
+    version: int = 0
+    input_versions: tuple[int, ...] = ()
 
 
 @dataclass
@@ -156,7 +160,7 @@ def step_of(call: Call, current: torch.Tensor) -> Step | None:
     if call.func in ACTIVATIONS:
         return Step(ACTIVATIONS[call.func], current.shape, call.output)
     if call.func in FROM_INPUT and call.output is not current and call.kwargs.get("approximate", "none") == "none" and len(call.args) == 1:
-        return Step(FROM_INPUT[call.func], current.shape, call.output, input=current, input_version=current._version)
+        return Step(FROM_INPUT[call.func], current.shape, call.output, input=current, input_version=call.input_versions[0])
     if call.func in DROPOUTS:  # in eval mode the identity (in training mode the model was refused before)
         training = call.args[2] if len(call.args) > 2 else call.kwargs.get("training", True)
         return None if training else Step("reshape", current.shape, call.output)
@@ -192,7 +196,7 @@ def chain_of(calls: list[Call], num_uses: int, outputs: torch.Tensor) -> list[St
         step = step_of(call, first_input(call) if current is None else current)
         if step is None or any(id(t) in seen for t in inputs if t is not current):
             return None  # an op the chain has no rule for, or a branch off an earlier link
-        step.version = call.output._version  # activations read their outputs back: checked below
+        step.version = call.version  # activations read their outputs back: checked below
         steps.append(step)
         if current is not None:
             seen.add(id(current))
@@ -290,8 +294,8 @@ def chain_cotangents(
                 common = step.geometry.input_cotangents(common, weight, input_shape[1:])
             basis, structured = False, None
         elif step.kind == "affine":
-            if common is None:
-                g, owned = laid_out(step.adjoint(g.reshape(-1, *shape[1:]), input_shape[1:]), input_shape), True
+            if common is None:  # (a sum's adjoint is a broadcast view: not to be written in place)
+                g, owned = laid_out(step.adjoint(g.reshape(-1, *shape[1:]), input_shape[1:]), input_shape), False
             else:
                 common = step.adjoint(common, input_shape[1:])
             basis, structured = False, None

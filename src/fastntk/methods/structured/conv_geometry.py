@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
 ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 """The arguments of torch.conv1d/2d/3d, in order."""
+TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def as_tuple(value: int | tuple[int, ...] | list[int], dims: int) -> list[int]:
@@ -52,15 +54,18 @@ class ConvGeometry:
 
     def input_cotangents(self, g: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
         """The cotangents of the input (B, *input_shape) from those of the output g (B, C_out, ...):
-        the convolution's backward pass for its input (a transposed convolution)."""
+        the transposed convolution, its output padding restoring what the forward's strides
+        dropped (no stand-in input to fill, as the convolution's own backward would)."""
         dims = weight.dim() - 2
         padded = list(input_shape[1:])
         for i in range(len(self.pad) // 2):
             padded[-1 - i] += self.pad[2 * i] + self.pad[2 * i + 1]
-        shape_only = g.new_empty(1).expand(g.shape[0], input_shape[0], *padded)  # only its shape is read
-        grad, _, _ = torch.ops.aten.convolution_backward(
-            g, shape_only, weight, None, self.stride, self.padding, self.dilation, False, [0] * dims, self.groups, [True, False, False]
-        )
+        kernel, out = weight.shape[2:], g.shape[2:]
+        output_padding = [
+            size - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, o, s, p, d, k in zip(padded, out, self.stride, self.padding, self.dilation, kernel)
+        ]
+        grad = TRANSPOSED[dims](g, weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation)
         for i in range(len(self.pad) // 2):  # crop what padding="same" added
             grad = grad.narrow(grad.dim() - 1 - i, self.pad[2 * i], input_shape[-1 - i])
         return grad

@@ -108,8 +108,8 @@ class Layout:
     """Whether the model writes over a recorded layer output in place, so that the forward
     pass must give it copies (see :func:`capture`)."""
     chain: bool = False
-    """Whether the model is one chain of dense layers and activations whose cotangents come
-    without autograd (see :mod:`.chain`): then the forward passes record no graph."""
+    """Whether the model is one chain of layers, activations and affine maps whose cotangents
+    come without autograd (see :mod:`.chain`): then the forward passes record no graph."""
 
     def output_chunk(self, n: int, num_outputs: int) -> int:
         """Outputs whose cotangents are computed together for a block of n samples."""
@@ -133,6 +133,12 @@ class StructuredMethod(KernelMethod):
     chain_allowed: bool = True
     """Whether calibration may take the cotangents from the model's chain (False after the
     gradient check rejected them once)."""
+
+    @property
+    def compact_rows(self) -> bool:
+        """Whether a chain's cotangents of the form derivative ⊙ rows stay compact (trace mode:
+        see ``RowsPairFactor``), and its cotangents come sample by sample."""
+        return self.mode == "trace"
 
     @property
     def fallback(self) -> list[str]:
@@ -159,7 +165,7 @@ class StructuredMethod(KernelMethod):
         observed = capture(self.f, x, graph=False)
         n, o = observed.outputs.shape
         sizes = {name: p.numel() for name, p in self.f.primals.items()}
-        if observed.chain is not None and self.chain_allowed and self.mode == "trace" and compact_uses(observed.chain):
+        if observed.chain is not None and self.chain_allowed and self.compact_rows and compact_uses(observed.chain):
             factors, _ = self.factors_of(observed, chunk=o, chain=True)
             total = sum(f.nbytes() for f in factors.values())
         else:
@@ -196,8 +202,9 @@ class StructuredMethod(KernelMethod):
         too (x is the whole of a Gram matrix's inputs), K(x, x) itself is kept for ``gram(x)``,
         in trace and diagonal modes contracted as the factors come (:class:`GramStream`).
         """
-        observed = capture(self.f, x, graph=not (self.probed_chain and self.chain_allowed))
-        if observed.outputs.grad_fn is None and observed.chain is None:  # not a chain on these inputs after all
+        graph = not (self.probed_chain and self.chain_allowed)
+        observed = capture(self.f, x, graph=graph)
+        if not graph and observed.chain is None:  # not a chain on these inputs after all
             observed = capture(self.f, x)
         n, o = observed.outputs.shape
         names = list(observed.primals)
@@ -307,8 +314,8 @@ class StructuredMethod(KernelMethod):
         n, o = observed.outputs.shape
         if chain:
             assert observed.chain is not None
-            trace = self.mode == "trace"
-            chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk, sample_major=trace, keep_rows=trace)
+            compact = self.compact_rows
+            chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk, sample_major=compact, keep_rows=compact)
         else:
             chunks = per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph)
         with fast_matmuls(fast, intercept=not chain):  # a chain's backward calls _gemm.mm
