@@ -8,7 +8,6 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ._gemm import fast_matmuls
 from ._inputs import Batch, batch_size, first_samples, take
 from ._modes import block_shape, transpose_block
 from .methods.base import KernelMethod
@@ -135,8 +134,7 @@ def compute_kernel(
             if left is None or left[0] != i:
                 left = (i, right_factors(i, rows) if shared else method.left(take(x1, *rows)))
             right = left[1] if shared and i == j else right_factors(j, cols)
-            with fast_matmuls(intercept=False):  # the contractions call _gemm.mm
-                value = method.contract(left[1], right)
+            value = method.contracted(left[1], right)
             out[rows[0]:rows[1], cols[0]:cols[1]] = value
             if symmetric and i != j:
                 out[cols[0]:cols[1], rows[0]:rows[1]] = transpose_block(value, method.mode)

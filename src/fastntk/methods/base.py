@@ -56,13 +56,18 @@ class KernelMethod(ABC):
         """K(x, x) of one block (a method may contract factors as they come, keeping fewer)."""
         left = self.left(x)
         right = left if self.symmetric_factors else self.right(x)
-        with fast_matmuls(intercept=False):  # the contractions call _gemm.mm
-            return self.contract(left, right)
+        return self.contracted(left, right)
 
     def left_and_right(self, x1: Batch, x2: Batch) -> tuple[Any, Any]:
         """Factors of a block of x1 and of a block of x2, for a kernel of one block pair (a
         method may compute both in one pass)."""
         return self.left(x1), self.right(x2)
+
+    def contracted(self, left: Any, right: Any) -> torch.Tensor:
+        """:meth:`contract`, its products on oneDNN where that is faster (the contractions call
+        ``_gemm.mm``, so no dispatch mode is needed; see :func:`fast_matmuls`)."""
+        with fast_matmuls(intercept=False):
+            return self.contract(left, right)
 
     @abstractmethod
     def contract(self, left: Any, right: Any) -> torch.Tensor:

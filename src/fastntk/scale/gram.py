@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from .._api import PROBE, NTKFunction, is_positive_int, kernel_context
 from .._engine import ranges
-from .._gemm import fast_matmuls
 from .._errors import ModelError, NonFiniteError, OptionError
 from .._functional import FunctionalModel, ParamSelection
 from .._inputs import Batch, all_finite, batch_size, check_finite, first_samples, leaves
@@ -514,8 +513,7 @@ def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block:
                 t += 1
                 right = cache.get(right_key(b), t, size(right_key(b)), factors(right_key(b)))
             current = left if shared and b.i == b.j else right
-            with fast_matmuls(intercept=False):  # the contractions call _gemm.mm
-                value = kernel.contract(left, current)
+            value = kernel.contracted(left, current)
         if problem.fn.mean:
             value = value / problem.num_outputs
         if problem.check and not all_finite(value):

@@ -281,8 +281,7 @@ class StructuredMethod(KernelMethod):
     def gram_from(self, streamed: GramStream, factors: Factors, x: Batch) -> torch.Tensor:
         """K(x, x): what ``streamed`` accumulated plus the contraction of the other groups' factors."""
         rest = self.with_fallback({g: f for g, f in factors.items() if g not in streamed.nbytes}, x)
-        with fast_matmuls(intercept=False):  # the contractions call _gemm.mm
-            return streamed.kernel.add_(self.contract(rest, rest)) if rest else streamed.kernel
+        return streamed.kernel.add_(self.contracted(rest, rest)) if rest else streamed.kernel
 
     def take_kept(self, x: Batch, kernel: bool) -> Factors | torch.Tensor | None:
         """What calibration kept for the block x (its kernel, or its factors), handed over once."""
