@@ -19,6 +19,7 @@ import torch
 from ..._checks import tolerance
 from ..._gemm import fast_matmuls
 from ..._errors import ModelError
+from ..._functional import FunctionalModel
 from ..._inputs import Batch, batch_size, concat, same_batch, take
 from ..._modes import Mode, block_shape
 from ..base import KernelMethod
@@ -202,10 +203,7 @@ class StructuredMethod(KernelMethod):
         too (x is the whole of a Gram matrix's inputs), K(x, x) itself is kept for ``gram(x)``,
         in trace and diagonal modes contracted as the factors come (:class:`GramStream`).
         """
-        graph = not (self.probed_chain and self.chain_allowed)
-        observed = capture(self.f, x, graph=graph)
-        if not graph and observed.chain is None:  # not a chain on these inputs after all
-            observed = capture(self.f, x)
+        observed = capture_for(self.f, x, chain=self.probed_chain and self.chain_allowed)
         n, o = observed.outputs.shape
         names = list(observed.primals)
         per_direction = direction_bytes(observed)
@@ -357,11 +355,10 @@ class StructuredMethod(KernelMethod):
         """The factors of the block x (with the fallback's), and with ``streaming`` the stream
         that took those it could (see :class:`GramStream`; the factors keep their first samples)."""
         assert self.calibration is not None
-        heavy, chain = self.calibration.matmul_heavy, self.calibration.chain
+        heavy = self.calibration.matmul_heavy
         with fast_matmuls(heavy):
-            observed = capture(self.f, x, self.calibration.clone_outputs, graph=not chain)
-            if chain and observed.chain is None:  # not a chain on these inputs after all
-                chain, observed = False, capture(self.f, x, self.calibration.clone_outputs)
+            observed = capture_for(self.f, x, self.calibration.clone_outputs, chain=self.calibration.chain)
+        chain = self.calibration.chain and observed.chain is not None
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
         streamed = self.gram_stream(observed) if streaming else None
@@ -428,6 +425,17 @@ class StructuredMethod(KernelMethod):
         if self.size_estimate is not None:
             return self.size_estimate
         return jacobian_bytes(self.f, self.num_outputs)  # at most: every parameter in the fallback
+
+
+def capture_for(f: FunctionalModel, x: Batch, clone_outputs: bool = False, chain: bool = False) -> Capture:
+    """A capture for the cotangents to come: without an autograd graph when they are to come
+    from the model's ``chain`` (none is needed), else — or should these inputs not make one
+    chain after all — with the graph autograd needs."""
+    if chain:
+        observed = capture(f, x, clone_outputs, graph=False)
+        if observed.chain is not None:
+            return observed
+    return capture(f, x, clone_outputs)
 
 
 def direction_bytes(observed: Capture) -> int:
