@@ -181,8 +181,9 @@ class PairFactor:
 @dataclass
 class RowsPairFactor:
     """A dense layer whose output cotangents are g[n, a] = derivative[n] ⊙ rows[a]: the layer
-    feeding an elementwise activation and then the model's dense output layer (rows = that
-    layer's weight rows, derivative = the activation's, per sample). Stored as keys (N, 1, d),
+    right before a chain's last activation (derivative = that activation's, per sample; rows =
+    the cotangents after it, common to all samples, e.g. the dense output layer's weight
+    rows; see :func:`.chain.compact_uses`). Stored as keys (N, 1, d),
     derivative (N, e) and rows (O, e) instead of N·O·e cotangents; in trace mode
     Σ_a ⟨g[n, a], g'[m, a]⟩ = Σ_k derivative[n, k] derivative'[m, k] Σ_a rows[a, k]², one
     N1×e×N2 GEMM instead of an O times larger one. Other modes use the cotangents themselves.

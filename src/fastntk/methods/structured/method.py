@@ -55,6 +55,9 @@ class GramStream:
     from the per-sample Jacobians of groups with one use, which then need not be kept (a
     convolution's are N·O·p numbers). Only their first ``keep`` samples stay, for the check."""
 
+    MODES = ("trace", "diagonal")
+    """The modes whose kernel can be accumulated output chunk by output chunk."""
+
     def __init__(self, mode: Mode, n: int, num_outputs: int, streamable: set[int], keep: int, like: torch.Tensor) -> None:
         self.mode, self.streamable, self.keep = mode, streamable, keep
         self.kernel = torch.zeros(block_shape(mode, n, n, num_outputs), dtype=like.dtype, device=like.device)
@@ -292,7 +295,7 @@ class StructuredMethod(KernelMethod):
         kernel = self.take_kept(x, kernel=True)
         if isinstance(kernel, torch.Tensor):
             return kernel
-        if self.calibration is None or self.kept is not None or self.mode not in ("trace", "diagonal"):
+        if self.calibration is None or self.kept is not None or self.mode not in GramStream.MODES:
             return super().gram(x)
         factors, streamed = self.block_factors(x, streaming=True)
         assert streamed is not None
@@ -327,8 +330,8 @@ class StructuredMethod(KernelMethod):
         return merge_uses([stack_outputs(p) for p in parts if p])
 
     def gram_stream(self, observed: Capture) -> GramStream | None:
-        """A stream for K(x, x) of this block, when the mode allows one (trace, diagonal)."""
-        if self.mode not in ("trace", "diagonal"):
+        """A stream for K(x, x) of this block, when the mode allows one (``GramStream.MODES``)."""
+        if self.mode not in GramStream.MODES:
             return None
         n, o = observed.outputs.shape
         shared = shared_parameters(observed.uses)

@@ -22,6 +22,11 @@ def pair_is_cheaper(positions: int, d_in: int, d_out: int, outputs: int, mode: M
     return positions**2 * (d_in + outputs**k * d_out) <= outputs**k * d_in * d_out
 
 
+def weight_group(weight: str, bias: str | None) -> tuple[str, ...]:
+    """The group of a weight whose bias's Jacobian is folded into its input Gram (the "+ 1")."""
+    return (weight,) if bias is None else (weight, bias)
+
+
 def linear_factors(keys: torch.Tensor, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
     """Factors of y_s = W k_s (+ b) from keys (N, S, d_in) and cotangents (N, K, S, d_out)."""
     n, o, s, e = cotangents.shape
@@ -29,9 +34,8 @@ def linear_factors(keys: torch.Tensor, cotangents: torch.Tensor, roles: Roles, m
     if weight is None:
         return {(bias,): JacobianFactor(position_sum(cotangents, 1))}
     if pair_is_cheaper(s, keys.shape[-1], e, num_outputs, mode):
-        group = (weight,) if bias is None else (weight, bias)
         # one GEMM over O·e per trace contraction of a dense layer: sample-major cotangents
-        return {group: PairFactor(keys, cotangents, "dot", plus_one=bias is not None, sample_major=mode == "trace" and s == 1)}
+        return {weight_group(weight, bias): PairFactor(keys, cotangents, "dot", plus_one=bias is not None, sample_major=mode == "trace" and s == 1)}
     jacobian = torch.einsum("nase,nsd->naed", cotangents, keys).reshape(n, o, -1)
     if bias is None:
         return {(weight,): JacobianFactor(jacobian)}
@@ -65,8 +69,7 @@ class LinearRule(Rule):
         weight, bias = roles.get("weight"), roles.get("bias")
         if mode != "trace" or keys.shape[1] != 1 or weight is None:
             return None
-        group = (weight,) if bias is None else (weight, bias)
-        return {group: RowsPairFactor(keys, cotangents.derivative, cotangents.rows, plus_one=bias is not None)}
+        return {weight_group(weight, bias): RowsPairFactor(keys, cotangents.derivative, cotangents.rows, plus_one=bias is not None)}
 
     def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         keys = saved["keys"]
