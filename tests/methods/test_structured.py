@@ -42,6 +42,12 @@ def test_both_conv_weight_jacobians(case: str, path: str, mode: str, dtype: torc
     assert_kernel_close(kernel, reduce_full(reference_full(case, dtype, False), mode), dtype)
 
 
+def num_outputs(f: FunctionalModel, x: torch.Tensor) -> int:
+    """O, by one forward pass."""
+    with torch.no_grad():
+        return f(f.primals, x).shape[1]
+
+
 def calibrated(case: str) -> StructuredMethod:
     c = CASES_BY_NAME[case]
     method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), "full", 2)
@@ -88,9 +94,7 @@ def test_dense_cotangents_sample_major_only_for_trace(mode: str, sample_major: b
     c = CASES_BY_NAME["mlp"]
     f = FunctionalModel.build(c.build(torch.float32))
     x = c.draw(5, torch.float32)
-    with torch.no_grad():
-        outputs = f(f.primals, x).shape[1]
-    method = StructuredMethod(f, mode, outputs)
+    method = StructuredMethod(f, mode, num_outputs(f, x))
     dense = [factor for factor in method.left(x).values() if isinstance(factor, PairFactor)]
     assert dense
     for factor in dense:
@@ -109,8 +113,7 @@ def test_size_estimate_is_exact(case: str) -> None:
     groups to the fallback excepted: the engine re-sizes for those, see the next test)."""
     c = CASES_BY_NAME[case]
     f = FunctionalModel.build(c.build(torch.float32))
-    with torch.no_grad():
-        outputs = f(f.primals, c.draw(1, torch.float32)).shape[1]
+    outputs = num_outputs(f, c.draw(1, torch.float32))
     for mode in ("full", "trace"):
         method = StructuredMethod(f, mode, outputs)
         method.estimate_size(c.draw(1, torch.float32))
@@ -237,9 +240,7 @@ def test_gram_of_one_block_contracts_jacobians_as_they_come(case: str, mode: str
     assert_kernel_close(fn(x), expected, torch.float64)
     assert_kernel_close(fn(x), expected, torch.float64)
     f = FunctionalModel.build(model)
-    with torch.no_grad():
-        outputs = f(f.primals, x).shape[1]
-    method = StructuredMethod(f, mode, outputs)
+    method = StructuredMethod(f, mode, num_outputs(f, x))
     method.calibrate(x, keep=True, gram=True)
     assert isinstance(method.kept[1], torch.Tensor) is (mode != "full")  # the kernel itself, or the factors
     assert_kernel_close(method.gram(x), expected, torch.float64)
