@@ -587,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(CLIError(), f"choose a command: compute (see '{PROG} --help')", False)
         return 2
     debug = args.debug
+    args.argv = argv  # a command may quote its own command line (gram: how to resume after Ctrl-C)
     try:
         return args.func(args)
     except CLIError as exc:
@@ -596,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(exc, f"{type(exc).__name__}: {one_line(exc)}", debug)
         return 2
     except KeyboardInterrupt as exc:
-        report(exc, "interrupted", debug)
+        report(exc, f"interrupted{': ' + one_line(exc) if str(exc) else ''}", debug)
         return 130
     except Exception as exc:
         hint = "" if debug else " (run with --debug for the traceback)"

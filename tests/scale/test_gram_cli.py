@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import shlex
 import textwrap
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 import fastntk
 from fastntk import cli
+from fastntk.scale import store
 from gram_helpers import inputs, save
 
 NETS = textwrap.dedent(
@@ -85,3 +87,24 @@ def test_gram_is_listed_in_help(capsys) -> None:
     assert "gram" in capsys.readouterr().out
     assert cli.main(["gram", "--help"]) == 0
     assert "--resume" in capsys.readouterr().out
+
+
+def test_gram_interrupted_says_how_to_resume(files, capsys, monkeypatch) -> None:
+    record, calls = store.Writer.record, []
+
+    def interrupted_after_three(writer, block, crc):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as Ctrl-C does
+        calls.append(block)
+        record(writer, block, crc)
+
+    monkeypatch.setattr(store.Writer, "record", interrupted_after_three)
+    assert gram("--out", "k.npy", "--overwrite", "--quiet") == 130
+    err = capsys.readouterr().err
+    command = "fastntk gram --model nets.py:make --x1 x.npy --block-size 5 --out k.npy --quiet --resume"
+    assert f"error: interrupted: the finished blocks of k.npy are kept; to continue, run {command}" in err
+    assert len(store.read_journals(files / "k.npy")[0]) == 3
+    monkeypatch.setattr(store.Writer, "record", record)
+    assert cli.main(shlex.split(command)[1:]) == 0  # the command it names continues the run
+    fastntk.gram(model(), "x.npy", block_size=5, out=files / "lib.npy", progress=False)
+    assert filecmp.cmp(files / "k.npy", files / "lib.npy", shallow=False)

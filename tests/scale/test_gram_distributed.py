@@ -68,7 +68,7 @@ def test_a_dead_rank_is_restarted_and_resumes(data) -> None:
     out = folder / "crash.npy"
     crashed = torchrun(x, out, "--die-after", "3")  # rank 1 dies abruptly; torchrun stops rank 0
     assert crashed.returncode != 0
-    finished = len(store.read_journals(out))
+    finished = len(store.read_journals(out)[0])
     assert 3 <= finished < 15
     done = torchrun(x, out)  # the job started again: the script always passes resume=True
     assert done.returncode == 0, done.stderr[-3000:]

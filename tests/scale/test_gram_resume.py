@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +18,9 @@ import pytest
 import torch
 
 import fastntk
+from conftest import assert_kernel_close
 from fastntk import ResumeError
+from fastntk._engine import block_pairs
 from fastntk.scale import store
 from gram_helpers import env, inputs, mlp, save
 
@@ -51,7 +54,7 @@ def reference(tmp_path) -> Path:
 
 
 def journaled(path: Path) -> int:
-    return len(store.read_journals(path))
+    return len(store.read_journals(path)[0])
 
 
 def test_interrupted_run_resumes_to_identical_bytes(tmp_path, reference) -> None:
@@ -116,14 +119,79 @@ def test_lost_kernel_file_is_started_again(tmp_path, reference) -> None:
     (dict(mode="full"), "mode: 'trace' then, 'full' now"),
     (dict(dtype=torch.float64), "dtype"),
     (dict(params=["2.weight"]), "the model"),
-    (dict(method="jacobian"), "method='jacobian'"),
-    (dict(block_size=6), "block_size=6"),
+    (dict(data=inputs(N, 2), mode="diagonal", max_memory="32MB"), r"the inputs data1, the settings \(mode: 'trace' then, 'diagonal'"),
 ])
 def test_a_changed_fingerprint_is_refused(tmp_path, reference, change, match) -> None:
     before = reference.read_bytes()
     with pytest.raises(ResumeError, match=match):
         run(reference, resume=True, **change)
     assert reference.read_bytes() == before
+
+
+def finished_mask(blocks, n: int) -> np.ndarray:
+    """The kernel entries that finished Gram blocks (and their mirrors) hold, brute force."""
+    mask = np.zeros((n, n), dtype=bool)
+    for b in blocks:
+        mask[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] = mask[b.cols[0]:b.cols[1], b.rows[0]:b.rows[1]] = True
+    return mask
+
+
+def unfinished(first, n: int, block: int) -> list:
+    """(rows, cols) of the Gram blocks of ``block`` samples not wholly within the ``first`` blocks."""
+    before = finished_mask(first, n)
+    return [(r, c) for _, _, r, c in block_pairs(n, n, block, True) if not before[r[0]:r[1], c[0]:c[1]].all()]
+
+
+@pytest.mark.parametrize("change", [dict(block_size=7), dict(block_size=3), dict(method="jacobian"), dict(block_size=4, method="vp")])
+def test_resume_accepts_another_block_size_or_method(tmp_path, reference, change, caplog) -> None:
+    path = tmp_path / "k.npy"
+    hook, first = stop_after(6)
+    with pytest.raises(Stop):
+        run(path, on_block=hook)
+    again = []
+    with caplog.at_level(logging.WARNING, logger="fastntk.gram"):
+        result = run(path, resume=True, on_block=again.append, **change)
+    assert "up to float rounding" in caplog.text
+    expected = np.load(reference)
+    assert_kernel_close(torch.from_numpy(np.array(result)), torch.from_numpy(expected), torch.float32)
+    # Only the new blocks not wholly finished before are computed; the finished entries they do not cover keep their bits.
+    block = change.get("block_size", BLOCK)
+    assert sorted((b.rows, b.cols) for b in again) == unfinished(first, N, block)
+    kept = finished_mask(first, N) & ~finished_mask(again, N)
+    assert kept.any() and np.array_equal(np.asarray(result)[kept], expected[kept])
+    assert json.loads((store.journal_dir(path) / "meta.json").read_text())["plan"]["block"] == block
+    later = []
+    run(path, resume=True, on_block=later.append)  # back to blocks of 5: the finished file covers them all
+    assert later == [] and np.array_equal(np.load(path), np.asarray(result))
+
+
+def wide_mlp() -> torch.nn.Module:
+    """An MLP 5-300-300-3 (P = 93k): its Jacobian's blocks are 14 samples within 64 MB, 7 within 32 MB."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 300), torch.nn.Tanh(), torch.nn.Linear(300, 300), torch.nn.Tanh(),
+                                   torch.nn.Linear(300, 3))
+
+
+def test_resume_with_half_the_memory_after_running_out(tmp_path) -> None:
+    x = save(tmp_path / "x.npy", inputs(30, 1))
+    kwargs = dict(method="jacobian", progress=False)
+    seen = []
+    uninterrupted = fastntk.gram(wide_mlp(), x, out=tmp_path / "ref.npy", max_memory="64MB", on_block=seen.append, **kwargs)
+    big = seen[0].rows[1]
+    path = tmp_path / "k.npy"
+    hook, first = stop_after(2)
+    with pytest.raises(Stop):
+        fastntk.gram(wide_mlp(), x, out=path, max_memory="64MB", on_block=hook, **kwargs)
+    again = []
+    # The natural retry after running out of memory: the inputs now as a tensor, half the budget.
+    result = fastntk.gram(wide_mlp(), inputs(30, 1), out=path, max_memory="32MB", resume=True, on_block=again.append, **kwargs)
+    small = again[0].rows[1] - again[0].rows[0]
+    assert small < big  # the 64 MB blocks do not fit 32 MB: smaller ones
+    assert sorted((b.rows, b.cols) for b in again) == unfinished(first, 30, small)
+    kept = finished_mask(first, 30) & ~finished_mask(again, 30)
+    assert kept.any() and np.array_equal(np.asarray(result)[kept], np.asarray(uninterrupted)[kept])
+    assert_kernel_close(torch.from_numpy(np.array(result)), torch.from_numpy(np.array(uninterrupted)), torch.float32)
 
 
 def test_train_mode_is_part_of_the_fingerprint(reference) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import textwrap
 import time
@@ -171,6 +172,11 @@ def run_gram(args: argparse.Namespace) -> int:
         )
     except (fastntk.ResumeError, fastntk.OptionError) as exc:
         raise type(exc)(in_cli_terms(str(exc))) from exc
+    except KeyboardInterrupt:
+        under = "the same torchrun options and " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        raise KeyboardInterrupt(
+            f"the finished blocks of {out_path} are kept; to continue, run {under}{resume_command(args.argv)}"
+        ) from None
     elapsed = time.perf_counter() - start
     meta = store.read_meta(out_path) or {}
     plan = meta.get("plan", {})
@@ -184,6 +190,17 @@ def run_gram(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"wrote     {out_path.resolve()}" if not args.quiet else str(out_path.resolve()))
     return 0
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues a run of ``fastntk gram`` with these arguments: --resume
+    instead of --overwrite (and of their abbreviations), quoted for a POSIX shell."""
+    from ..cli import PROG
+
+    def resume_or_overwrite(arg: str) -> bool:
+        return len(arg) > 2 and arg.startswith("--") and ("--resume".startswith(arg) or "--overwrite".startswith(arg))
+
+    return shlex.join([PROG, *(a for a in argv if not resume_or_overwrite(a)), "--resume"])
 
 
 def in_cli_terms(message: str) -> str:

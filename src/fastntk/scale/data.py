@@ -46,18 +46,36 @@ class Source:
         """Samples start:stop as the model's input: tensors batched on dim 0."""
         return as_tensors(pick(self.read(start, stop), self.select, self.name), self.name, stop - start)
 
-    def digest(self, chunk_bytes: int = 64 * 2**20) -> str:
-        """sha256 of N, and of every sample's tensors (structure, dtypes, shapes, bytes), read in chunks."""
-        h = hashlib.sha256(f"samples={len(self)}".encode())
+    def digest(self, chunk_bytes: int = 64 * 2**20, dtype: torch.dtype | None = None) -> str:
+        """sha256 of N and of every sample's tensors as the model receives them, read in chunks.
+
+        Floating tensors are hashed cast to ``dtype`` (the compute dtype; None: as stored), so the
+        same values given as a tensor, an array or a .npy file (of any floating dtype that casts
+        to the same numbers) hash alike. Each leaf has its own running hash, and a leaf's dtype and
+        per-sample shape are hashed where they first appear or change, never per chunk: the digest
+        does not depend on ``chunk_bytes`` (nor on the memory budget it comes from).
+        """
         n = len(self)
         first = self.take(0, 1)
         per_sample = max(1, sum(t.numel() * t.element_size() for t in pytree.tree_leaves(first)))
         step = max(1, chunk_bytes // per_sample)
-        h.update(repr(pytree.tree_structure(first)).encode())
+        hashes: list[Any] = []
+        kinds: list[str] = []
         for start in range(0, n, step):
-            for t in pytree.tree_leaves(self.take(start, min(n, start + step))):
-                h.update(f"|{t.dtype}{tuple(t.shape[1:])}|".encode())
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            for k, t in enumerate(pytree.tree_leaves(self.take(start, min(n, start + step)))):
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                if k == len(hashes):
+                    hashes.append(hashlib.sha256())
+                    kinds.append("")
+                kind = f"|{t.dtype}{tuple(t.shape[1:])}|"
+                if kind != kinds[k]:
+                    hashes[k].update(f"{start}{kind}".encode())
+                    kinds[k] = kind
+                hashes[k].update(tensor_bytes(t))
+        h = hashlib.sha256(f"samples={n}|{pytree.tree_structure(first)!r}".encode())
+        for leaf in hashes:
+            h.update(leaf.digest())
         return h.hexdigest()
 
     def describe(self) -> str:
@@ -154,6 +172,11 @@ class DatasetSource(Source):
 
     def describe(self) -> str:
         return f"{self.name}: {type(self.dataset).__name__} of {self.n} samples"
+
+
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 array (any dtype, any device), for hashing."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def as_source(data: Any, name: str, select: Select = None) -> Source:

@@ -5,11 +5,14 @@ A fingerprint is a dict of named sha256 digests and settings:
 * ``model``: the class, every parameter and buffer (name, dtype, shape, bytes, as the kernel
   sees them: cast to the compute dtype), which parameters are differentiated, and the
   train/eval flag of every submodule. The model's *code* is not hashed; its class name is.
-* ``x1``, ``x2``: every sample as the model receives it (after ``select``), streamed in chunks.
+* ``x1``, ``x2``: every sample as the model receives it (after ``select``, floating tensors
+  cast to the compute dtype), streamed in chunks; the same values hash alike however they are
+  given (tensor, array, .npy file) and read (chunk size, memory budget).
 * ``settings``: mode, compute dtype, N1, N2, O, fastntk's version.
 
-The plan (method, block size, the structured method's calibration) is stored beside it and
-checked separately, since it follows from the fingerprint and the memory budget.
+Together they are what fixes the kernel's values: a resumed run must match them. The plan
+(method, block size, the structured method's calibration) is stored beside them but may change
+on resume (a smaller budget, another method): it changes the result only by float rounding.
 """
 
 from __future__ import annotations
@@ -17,10 +20,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import torch
-
 from .._functional import FunctionalModel
-from .data import Source
+from .data import Source, tensor_bytes
 
 LABELS = {
     "model": "the model (its weights, buffers, parameter selection or train/eval mode)",
@@ -28,11 +29,6 @@ LABELS = {
     "x2": "the inputs data2",
     "settings": "the settings",
 }
-
-
-def tensor_bytes(t: torch.Tensor) -> Any:
-    """A tensor's bytes as a buffer (any dtype, any device)."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def model_digest(f: FunctionalModel) -> str:
@@ -53,8 +49,8 @@ def fingerprint(f: FunctionalModel, x1: Source, x2: Source | None, settings: dic
     """The fingerprint of a kernel computation (see the module docstring)."""
     return {
         "model": model_digest(f),
-        "x1": x1.digest(chunk_bytes),
-        "x2": None if x2 is None else x2.digest(chunk_bytes),
+        "x1": x1.digest(chunk_bytes, f.dtype),
+        "x2": None if x2 is None else x2.digest(chunk_bytes, f.dtype),
         "settings": dict(settings),
     }
 

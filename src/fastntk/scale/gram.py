@@ -211,6 +211,22 @@ def gram(
 
     problem = set_up(model, data1, data2, mode=mode, method=method, params=params, dtype=dtype, select=select, check=check, budget=budget)
     group = join(problem.f.device)
+    lock = store.OutLock(path) if path is not None and group.rank == 0 else None  # rank 0 holds it for every rank
+    try:
+        return compute(problem, group, path, lock, mode, budget, resume, overwrite, block_size, progress, durable, on_block)
+    except KeyboardInterrupt as exc:
+        if path is not None and hasattr(exc, "add_note"):
+            exc.add_note(f"fastntk.gram: the finished blocks of {path} are kept: the same call with resume=True continues it")
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def compute(problem: Problem, group: Group, path: Path | None, lock: store.OutLock | None, mode: str, budget: int, resume: bool,
+            overwrite: bool, block_size: int | None, progress: bool, durable: bool,
+            on_block: Callable[[Block], None] | None) -> torch.Tensor | np.memmap | None:
+    """The body of :func:`gram` after validation; rank 0 takes the output's ``lock`` before touching the output."""
     working = budget
     if path is None:
         if problem.result_bytes >= budget:
@@ -234,12 +250,14 @@ def gram(
 
     # Rank 0 decides the plan (or reads it back) and prepares the file; every rank gets its answer.
     decision: Any = None
-    if not group.distributed:
-        decision = decide(problem, path, prints, resume, overwrite, block_size, working)
-    elif group.rank == 0:
+    if group.rank == 0:
         try:
+            if lock is not None:
+                lock.acquire()
             decision = decide(problem, path, prints, resume, overwrite, block_size, working)
         except Exception as exc:  # every rank raises it
+            if not group.distributed:
+                raise
             decision = exc
     plan, done_keys, reference = group.broadcast(decision)
     if prints is not None and group.rank != 0:
@@ -249,15 +267,15 @@ def gram(
     kernel = build_method(problem, plan["method"])
     if layout_of(kernel) != plan["layout"]:
         raise ResumeError(
-            f"the structured method's calibration differs from the stored one ({plan['layout']} then, {layout_of(kernel)} now); "
-            "pass overwrite=True to start afresh"
+            f"rank {group.rank}'s calibration of the structured method differs from rank 0's ({plan['layout']} there, "
+            f"{layout_of(kernel)} here): every rank must run the same model and call"
         )
     block = plan["block"]
-    need = working_bytes(block, block, kernel.bytes_per_sample(), problem.input_bytes, problem.pair_bytes)
+    need = block_bytes(problem, kernel, block)
     if need > working:
         raise OptionError(
             f"blocks of {block} samples need {format_bytes(need)} but max_memory leaves {format_bytes(working)} for them: "
-            f"raise max_memory{', or pass a smaller block_size' if not resume else ' (a resumed run keeps its block size)'}"
+            "raise max_memory, or pass a smaller block_size"
         )
 
     blocks = all_blocks(problem.n1, problem.n2, block, problem.symmetric)
@@ -277,17 +295,17 @@ def gram(
     result: torch.Tensor | None = None
     writer = None
     if path is not None:
-        writer = store.Writer(path, problem.shape, numpy_dtype(problem.f.dtype), group.rank, durable)
+        writer = store.Writer(path, problem.shape, numpy_dtype(problem.f.dtype), group.rank, problem.symmetric, durable)
     elif group.rank == 0:
         result = torch.empty(problem.shape, device=problem.f.device, dtype=problem.f.dtype)
     kept: list[tuple[Block, torch.Tensor]] = []
 
     def sink(b: Block, value: torch.Tensor) -> None:
         if writer is not None:
-            writer.write(b.rows, b.cols, value.detach().cpu().numpy())
+            crc = writer.write(b.rows, b.cols, value.detach().cpu().numpy())
             if problem.symmetric and b.i != b.j:
-                writer.write(b.cols, b.rows, transpose_block(value, problem.fn.mode).detach().cpu().numpy())
-            writer.record(b.i, b.j, b.rows, b.cols)
+                crc = writer.write(b.cols, b.rows, transpose_block(value, problem.fn.mode).detach().cpu().numpy(), crc)
+            writer.record(b, crc)
         elif result is not None:
             place(result, b, value, problem)
         else:
@@ -319,7 +337,7 @@ def gram(
     group.barrier()
     status = None
     if group.rank == 0:
-        missing = store.finished_all(store.read_journals(path), [(b.i, b.j) for b in blocks])
+        missing = store.missing(path, blocks)
         if missing:
             status = ResumeError(f"{len(missing)} blocks of {path} are not finished (a rank failed?): run again with resume=True")
     group.broadcast(status)  # raises it on every rank
@@ -401,10 +419,18 @@ def choose(problem: Problem, block_size: int | None, working: int) -> dict[str, 
     # The largest block that fits: what a block's working set holds (its row factors) is what
     # makes factors reusable, so a separate cache would only shrink it. When the block is capped
     # below what the budget allows (N/8), the rest of the budget caches factors for reuse.
-    block = block_size or block_for_budget(
-        problem.n1, problem.n2, kernel.bytes_per_sample(), problem.input_bytes, problem.pair_bytes, working
-    )
+    block = block_size or largest_block(problem, kernel, working)
     return {"method": name, "block": int(block), "layout": layout_of(kernel)}
+
+
+def block_bytes(problem: Problem, kernel: KernelMethod, block: int) -> int:
+    """The working set of blocks of ``block`` samples (:func:`~fastntk.scale.budget.working_bytes`)."""
+    return working_bytes(block, block, kernel.bytes_per_sample(), problem.input_bytes, problem.pair_bytes)
+
+
+def largest_block(problem: Problem, kernel: KernelMethod, working: int) -> int:
+    """The block size of a fresh plan: the largest whose working set fits ``working`` bytes."""
+    return block_for_budget(problem.n1, problem.n2, kernel.bytes_per_sample(), problem.input_bytes, problem.pair_bytes, working)
 
 
 def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, resume: bool, overwrite: bool,
@@ -425,7 +451,7 @@ def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, r
             f"{path} exists and is not a fastntk Gram output (no {folder}/meta.json): pass overwrite=True to replace it, or choose another out"
         )
     elif meta is not None and not resume:
-        finished = len(store.read_journals(path))
+        finished = len(store.read_journals(path)[0])
         raise ResumeError(
             f"{path} already holds a Gram computation ({finished} blocks finished): pass resume=True to continue it, "
             "or overwrite=True to start afresh"
@@ -433,7 +459,8 @@ def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, r
     shape, dtype = problem.shape, numpy_dtype(problem.f.dtype)
     if meta is None:
         plan = choose(problem, block_size, working)
-        store.create(path, shape, dtype, {"fingerprint": prints, "plan": plan, "shape": list(shape), "dtype": dtype.str})
+        store.create(path, shape, dtype, {"fingerprint": prints, "plan": plan, "shape": list(shape), "dtype": dtype.str,
+                                          "symmetric": problem.symmetric})
         return plan, set(), prints
     diffs = differences(meta.get("fingerprint", {}), prints)
     if diffs:
@@ -441,22 +468,47 @@ def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, r
             f"cannot resume {path}: it was started with other values of {', '.join(diffs)}; resume with the same ones, "
             "or pass overwrite=True to start afresh (or choose another out)"
         )
-    plan = meta["plan"]
-    if problem.fn.method != "auto" and problem.fn.method != plan["method"]:
-        raise ResumeError(f"cannot resume {path} with method={problem.fn.method!r}: it was started with {plan['method']!r}; pass that or 'auto'")
-    if block_size is not None and block_size != plan["block"]:
-        raise ResumeError(f"cannot resume {path} with block_size={block_size}: it was started with {plan['block']}; pass that or None")
+    plan = replan(problem, meta["plan"], block_size, working)
+    changes = [f"{what} {meta['plan'][key]!r} then, {plan[key]!r} now" if key != "layout" else f"another {what}"
+               for key, what in PLAN_PARTS.items() if plan[key] != meta["plan"][key]]
+    if changes:  # the journal is rewritten to the new plan's blocks below: the record must say which
+        meta = {**meta, "plan": plan, "earlier_plans": [*meta.get("earlier_plans", []), meta["plan"]]}
+        store.write_meta(path, meta)
     if not store.npy_matches(path, shape, dtype):
         log.warning("%s is missing or incomplete: starting it again", path)
-        store.create(path, shape, dtype, {k: v for k, v in meta.items() if k != "format"})
+        store.create(path, shape, dtype, {k: v for k, v in meta.items() if k != "earlier_plans"})
         return plan, set(), prints
-    records = store.read_journals(path)
-    expected = {(b.i, b.j): b for b in all_blocks(problem.n1, problem.n2, plan["block"], problem.symmetric)}
-    done = {key for key, block in records.items() if expected.get(key) == block}
-    if len(done) != len(records):
-        log.warning("%d journal lines of %s do not match its blocks and are ignored", len(records) - len(done), path)
-    log.info("resuming %s: %d of %d blocks finished", path, len(done), len(expected))
-    return plan, done, prints
+    blocks = all_blocks(problem.n1, problem.n2, plan["block"], problem.symmetric)
+    found = store.finished(path, blocks)
+    if found.untrusted or found.failed:
+        log.warning(
+            "%s: %d journal lines not trusted (malformed or unknown) and %d journaled blocks whose bytes fail their CRC-32 "
+            "(zeroed, altered or never written): what they claimed is computed again", path, found.untrusted, found.failed,
+        )
+    log.info("resuming %s: %d of %d blocks finished and checked", path, len(found.blocks), len(blocks))
+    if changes and len(found.blocks) < len(blocks):
+        log.warning("resuming %s with %s: the blocks computed now agree with the finished ones up to float rounding, not bit for bit",
+                    path, "; ".join(changes))
+    return plan, {(b.i, b.j) for b in found.blocks}, prints
+
+
+PLAN_PARTS = {"method": "method", "block": "block size", "layout": "calibration of the structured method"}
+
+
+def replan(problem: Problem, stored: dict[str, Any], block_size: int | None, working: int) -> dict[str, Any]:
+    """The plan of a resumed run: the stored method and block size unless the call asks otherwise.
+
+    ``method="auto"`` keeps the stored method, another names the one to use; ``block_size=None``
+    keeps the stored block size while it fits ``working`` bytes, else takes the largest that fits.
+    The plan never changes the kernel's values beyond float rounding (the methods are exact;
+    another block size sums the same terms in another order), so a resume accepts any.
+    """
+    name = stored["method"] if problem.fn.method == "auto" else problem.fn.method
+    kernel = build_method(problem, name)
+    block = block_size or stored["block"]
+    if block_size is None and block_bytes(problem, kernel, block) > working:
+        block = largest_block(problem, kernel, working)
+    return {"method": name, "block": int(block), "layout": layout_of(kernel)}
 
 
 def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block: int, capacity: int,
