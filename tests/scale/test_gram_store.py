@@ -182,3 +182,20 @@ def test_covered_finds_blocks_of_one_grid_within_another() -> None:
     blocks = [Block(0, 0, (0, 7), (0, 7)), Block(0, 1, (0, 7), (7, 10)), Block(1, 1, (7, 12), (7, 10))]
     assert store.covered(rects, blocks, (12, 10)) == blocks[:2]
     assert store.covered([], blocks, (12, 10)) == []
+
+
+def test_a_lock_file_removed_as_it_is_opened_is_not_trusted(tmp_path) -> None:
+    path = tmp_path / "k.npy"
+    first, second, third = store.OutLock(path), store.OutLock(path), store.OutLock(path)
+    first.acquire()
+    fd = os.open(store.lock_path(path), os.O_RDWR)  # the second run opens the file just before the first releases it
+    first.release()
+    try:
+        assert second.lock(fd) == "replaced" and second.fd is None  # it locked a removed file: not the lock
+    finally:
+        os.close(fd)
+    second.acquire()
+    with pytest.raises(store.LockedError, match=f"pid {os.getpid()}"):
+        third.acquire()
+    second.release()
+    assert not store.lock_path(path).exists()

@@ -4,7 +4,7 @@ resumable after a crash, shared between ranks.
     data ──► Source (data.py: tensors, arrays, memmaps, .npy paths, Datasets)
          ──► plan: method and block size (gram.py, budget.py)
          ──► schedule: blocks per rank, factor cache (schedule.py, distributed.py)
-         ──► .npy file + journal, fingerprinted (store.py, fingerprint.py)
+         ──► .npy file + checked journal, locked, fingerprinted (store.py, fingerprint.py)
 
 The entry point is :func:`gram` (``fastntk.gram``).
 """
@@ -12,6 +12,6 @@ The entry point is :func:`gram` (``fastntk.gram``).
 from .budget import parse_memory
 from .gram import gram
 from .schedule import Block
-from .store import ResumeError
+from .store import LockedError, ResumeError
 
-__all__ = ["gram", "Block", "ResumeError", "parse_memory"]
+__all__ = ["gram", "Block", "LockedError", "ResumeError", "parse_memory"]

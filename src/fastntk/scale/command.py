@@ -31,10 +31,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         description=textwrap.fill(
             "Compute the empirical NTK K(x1, x2), or the Gram matrix K(x1, x1) without --x2, block by "
             "block within a memory budget, writing each block to --out (.npy) as it finishes, with a "
-            "journal in OUT.blocks/. After a crash or a kill, the same command with --resume continues "
-            "where it stopped (finished blocks are kept; the result is bit-identical to an uninterrupted "
-            "run); a different model, weights, inputs or settings are refused. Under torchrun the ranks "
-            "share the blocks. Inputs in .npy files are read by row ranges, never loaded whole.",
+            "journal in OUT.blocks/. After a crash, a kill or Ctrl-C, the same command with --resume "
+            "continues where it stopped (finished blocks are checked and kept; the result is bit-identical "
+            "to an uninterrupted run, or equal up to float rounding where --max-memory, --block-size or "
+            "--method changed the blocks or the method); a different model, weights, inputs or settings are "
+            "refused, and so is a second run while one writes --out. Under torchrun the ranks share the "
+            "blocks. Inputs in .npy files are read by row ranges, never loaded whole.",
             width=79,
         ),
         epilog=(

@@ -7,12 +7,12 @@ The pipeline, per call:
    (:class:`~fastntk.NTKFunction`), and the exact method is chosen by the cost model at the
    real N1, N2 (``method="auto"``) and calibrated once on the first two samples;
 3. the block size follows from ``max_memory`` (:mod:`~fastntk.scale.budget`);
-4. with ``out``, rank 0 creates (or, with ``resume``, checks and reopens) the .npy file and
-   its journal (:mod:`~fastntk.scale.store`), fingerprints included
-   (:mod:`~fastntk.scale.fingerprint`);
+4. with ``out``, rank 0 takes the output's lock, then creates (or, with ``resume``, checks
+   and reopens) the .npy file and its journal (:mod:`~fastntk.scale.store`), fingerprints
+   included (:mod:`~fastntk.scale.fingerprint`), every journaled block checked by its CRC;
 5. the blocks still to compute are split between ranks (:mod:`~fastntk.scale.schedule`);
    each rank computes its blocks' factors once where the budget keeps them, contracts,
-   writes each block (and its mirror for a Gram matrix) and journals it.
+   writes each block (and its mirror for a Gram matrix), reads it back and journals it.
 """
 
 from __future__ import annotations
@@ -141,9 +141,21 @@ def gram(
     per block and reused by every block they meet (as far as the budget keeps them), for a
     Gram matrix only blocks on or above the diagonal are computed (the rest mirrored), and
     with ``out`` each block goes to a .npy file as soon as it is done, with a journal that
-    lets an interrupted run continue (``resume=True``) to a file bit-identical to an
-    uninterrupted one. Under ``torchrun`` (or an initialised ``torch.distributed``) the
-    blocks are shared between the ranks.
+    lets an interrupted run continue (``resume=True``). Under ``torchrun`` (or an
+    initialised ``torch.distributed``) the blocks are shared between the ranks.
+
+    What a resume guarantees: the kernel's values are fixed by the fingerprint (model and
+    weights, parameter selection, train/eval flags, inputs as the model receives them, mode,
+    dtype, fastntk's version), and a resume that differs in any of them is refused, naming
+    it. Everything else may change: ``max_memory``, ``progress``, ``durable``, the number of
+    ranks, and the plan. When the plan is kept (the default: ``method="auto"`` keeps the
+    stored method, ``block_size=None`` the stored block size while it fits ``max_memory``),
+    the finished file is bit-identical to an uninterrupted run (same hardware and
+    software). When it changes (a ``max_memory`` the stored blocks do not fit, another
+    ``block_size`` or ``method``), finished blocks are kept where they cover blocks of the
+    new size and the rest is computed with the new plan: each entry then equals the
+    uninterrupted run's up to float rounding (the methods are exact; other block sizes sum
+    in another order), as a warning says.
 
     Args:
         model: any ``nn.Module``, used as it is (see :func:`fastntk.ntk`).
@@ -161,12 +173,17 @@ def gram(
             holds the result, which must fit it.
         out: a .npy path: the kernel is written there block by block (returned as a
             read-only ``np.memmap``), with a journal in ``<out>.blocks/``. None: in memory.
-        resume: continue the computation in ``out``: finished blocks are kept, the rest
-            computed; refused unless the model, its weights, the inputs and the settings are
-            the ones it was started with. Without an existing ``out`` it simply starts.
+            One run at a time writes it: ``<out>.lock`` holds an OS lock (``flock``) while a
+            run (under torchrun, rank 0 for all ranks) works on it, released on any exit and
+            by the OS when the process dies, so a killed run leaves no stale lock.
+        resume: continue the computation in ``out``: the journaled blocks whose bytes pass
+            their CRC-32 are kept, the rest (and any block damaged, zeroed or journaled but
+            never written) computed; refused unless the model, its weights, the inputs and
+            the settings are the ones it was started with (see above). Without an existing
+            ``out`` it simply starts.
         overwrite: replace an existing ``out`` (otherwise an existing file is refused).
         block_size: samples per block (default: the largest that fits ``max_memory``, at most
-            ⌈N/8⌉ but at least 64). A resumed run always uses the block size it started with.
+            ⌈N/8⌉ but at least 64; a resume keeps the stored one while it fits).
         params, dtype, check: as in :func:`fastntk.ntk`. Floating inputs are cast to the
             model's dtype (or ``dtype``) block by block.
         select: for Datasets and DataLoaders: which part of each collated batch the model
@@ -187,6 +204,7 @@ def gram(
             larger than ``max_memory``.
         ResumeError: an existing ``out`` without ``resume``/``overwrite``, or one computed
             from another model, other weights, inputs or settings.
+        LockedError: (a ResumeError) ``out`` is being written by another run, named.
         InputError, ModelError, SelectionError, NonFiniteError: as :func:`fastntk.ntk`.
 
     Example:

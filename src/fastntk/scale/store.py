@@ -127,37 +127,47 @@ class OutLock:
         if fcntl is None:  # pragma: no cover
             log.warning("no file locks on this platform: nothing stops a second run from writing %s at the same time", self.path)
             return
-        while True:
+        while self.fd is None:
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = read_holder(fd)
+                outcome = self.lock(fd)
+            except BaseException:  # refused, or interrupted: the descriptor (and any lock on it) goes
                 os.close(fd)
-                raise LockedError(
-                    f"{self.path} is being written by another run ({holder}; lock file {self.file}): wait for it to finish "
-                    "or stop it, then run again (resume=True keeps its finished blocks). The lock is released when its "
-                    "process ends, even if killed: the lock file never needs deleting"
-                ) from None
-            except OSError as exc:
+                raise
+            if outcome != "held":
                 os.close(fd)
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                log.warning("the file system of %s offers no locks (%s): nothing stops a second run from writing it at the same time",
-                            self.path, exc.strerror)
+            if outcome == "no locks":
                 return
-            try:
-                current = os.stat(self.file)
-            except FileNotFoundError:
-                current = None
-            if current is not None and os.path.samestat(os.fstat(fd), current):
-                break
-            os.close(fd)  # the holder removed this file as we opened it: take the one at the path now
+
+    def lock(self, fd: int) -> str:
+        """Lock the open lock file ``fd``: "held" (``self.fd`` set), "replaced" (the holder removed
+        the file as it was opened: try the one at the path now), or "no locks" (the file system has none)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(
+                f"{self.path} is being written by another run ({read_holder(fd)}; lock file {self.file}): wait for it to "
+                "finish or stop it, then run again (resume=True keeps its finished blocks). The lock is released when its "
+                "process ends, even if killed: the lock file never needs deleting"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.warning("the file system of %s offers no locks (%s): nothing stops a second run from writing it at the same time",
+                        self.path, exc.strerror)
+            return "no locks"
+        try:
+            current = os.stat(self.file)
+        except FileNotFoundError:
+            current = None
+        if current is None or not os.path.samestat(os.fstat(fd), current):
+            return "replaced"
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   "command": " ".join(getattr(sys, "orig_argv", sys.argv))[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self.fd = fd
+        return "held"
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (nothing if not held)."""
