@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 Saved = TypeVar("Saved")
@@ -60,6 +61,11 @@ def flag(get: Callable[[], Any], set_: Callable[[Any], None], value: Any) -> Sha
         return previous
 
     return Shared(override, set_)
+
+
+FORWARD_AD = threading.RLock()
+"""Held around forward-mode AD (``torch.func.jvp``): PyTorch keeps its forward-AD levels for
+the whole process, so one thread leaving its level invalidates another thread's."""
 
 
 # ------------------------------------------------------------------ vmap fallback warnings
@@ -132,3 +138,34 @@ def quiet_fallbacks() -> Iterator[list[str]]:
             yield seen
         finally:
             _SEEN.reset(token)
+
+
+# ------------------------------------------------------------------ modules in use
+
+_MODULE_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+
+
+def _module_lock(module: Any) -> threading.RLock:
+    with _LOCK:
+        try:
+            lock = _MODULE_LOCKS.get(module)
+            if lock is None:
+                lock = _MODULE_LOCKS[module] = threading.RLock()
+        except TypeError:  # not hashable or not weakly referenceable: one lock for all such
+            lock = _UNKEYED
+    return lock
+
+
+_UNKEYED = threading.RLock()
+
+
+@contextlib.contextmanager
+def using_module(module: Any) -> Iterator[None]:
+    """Hold ``module`` and its submodules for this thread: ``torch.func.functional_call``
+    swaps a module's tensors in place while it runs, so two threads must not run it (or read
+    the module's parameters) on a shared module at once. The locks of every submodule are
+    taken in one order (their ids), so overlapping module trees cannot deadlock."""
+    with contextlib.ExitStack() as stack:
+        for lock in sorted({_module_lock(m) for m in module.modules()}, key=id):
+            stack.enter_context(lock)
+        yield

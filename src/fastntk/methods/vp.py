@@ -20,7 +20,7 @@ from .._errors import ModelError
 from .._functional import Params
 from .._gemm import fast_matmuls
 from .._inputs import Batch, batch_size
-from .._process import Shared, flag
+from .._process import FORWARD_AD, Shared, flag
 from .base import KernelMethod
 from .jacobian import jacobian_bytes, per_sample_jacobians
 
@@ -95,8 +95,9 @@ def forward_mode_kernels() -> Iterator[None]:
     The fused TransformerEncoderLayer fast path and the flash/efficient attention kernels
     lack forward AD; the composite ("math") attention computes the same function with it.
     The flags are process-wide: set while any thread is inside, restored when the last leaves.
+    So are forward-AD levels: one thread at a time is inside.
     """
-    with contextlib.ExitStack() as stack:
+    with FORWARD_AD, contextlib.ExitStack() as stack:
         for shared in FUSED_KERNEL_FLAGS:
             stack.enter_context(shared.scope())
         yield
