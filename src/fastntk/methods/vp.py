@@ -86,6 +86,7 @@ def fused_kernel_flags() -> list[Shared]:
 
 
 FUSED_KERNEL_FLAGS = fused_kernel_flags()
+"""Made once, with the module: every thread must share the same ones."""
 
 
 @contextlib.contextmanager
