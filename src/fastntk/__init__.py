@@ -1,11 +1,8 @@
 """fastntk: exact empirical neural tangent kernels of PyTorch models, fast."""
 
-# torch.autograd.grad imports this (and sympy) lazily on its first call with grad_outputs,
-# which every method makes: load it with the package, not in the middle of the first kernel.
-import torch.fx.experimental.symbolic_shapes  # noqa: F401
-
 from ._api import NTKFunction, ntk, ntk_fn, plan
 from .plan import Plan
+from ._heap import keep_freed_memory
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
 from .reference import reference_ntk
 from .scale import ResumeError, gram
@@ -20,6 +17,7 @@ __all__ = [
     "Plan",
     "reference_ntk",
     "gram",
+    "keep_freed_memory",
     "ResumeError",
     "FastNTKError",
     "InputError",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
-import warnings
 from typing import Any, Iterator
 
 import torch
@@ -13,10 +13,11 @@ from torch import nn
 from ._checks import check_per_sample, check_training_mode
 from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
 from ._errors import NonFiniteError, OptionError
-from ._heap import keep_freed_memory
+from ._heap import keep_freed_memory, keep_heap_requested
 from ._functional import FunctionalModel, ParamSelection
 from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
 from ._modes import MODES, Mode, check_mode
+from ._process import quiet_fallbacks
 from .methods import METHODS, KernelMethod
 from .plan import Plan, make_plan
 
@@ -160,16 +161,26 @@ class NTKFunction:
 @contextlib.contextmanager
 def kernel_context(keep_memory: bool = True) -> Iterator[None]:
     """What every kernel computation runs in: torch.func's "performance drop" warnings for
-    ops without a batching rule silenced (they repeat on every call and format source lines
-    each time; the cost model and the methods already account for such ops), and, with
-    ``keep_memory``, freed memory kept for reuse (:mod:`fastntk._heap`; the budgeted Gram
-    of :mod:`fastntk.scale` leaves glibc alone: it keeps its process near its budget).
+    ops without a batching rule silenced in this thread (they repeat on every call and format
+    source lines each time; the cost model and the methods already account for such ops;
+    :func:`fastntk._process.quiet_fallbacks`), the modules only kernels need imported, and,
+    with ``keep_memory`` and ``FASTNTK_KEEP_HEAP=1``, glibc's adaptive threshold raised
+    (:mod:`fastntk._heap`; never by default: it outlives the call, and the budgeted Gram of
+    :mod:`fastntk.scale` keeps its process near its budget). Nothing else outlives the block.
     """
-    if keep_memory:
+    if keep_memory and keep_heap_requested():
         keep_freed_memory()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+    import_kernel_modules()
+    with quiet_fallbacks():
         yield
+
+
+@functools.cache
+def import_kernel_modules() -> None:
+    """Import what torch.autograd.grad imports lazily on its first call with grad_outputs
+    (which every method makes): symbolic_shapes and sympy, a few tenths of a second. Here, at
+    the first kernel, not with the package (``import fastntk``) nor midway through a kernel."""
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 
 def is_positive_int(value: object) -> bool:

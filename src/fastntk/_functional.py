@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from ._errors import InputError, ModelError, NonFiniteError, SelectionError
 from ._inputs import Batch, call_model, map_leaves
+from ._process import using_module
 
 ParamSelection = Union[None, Sequence[str], Callable[[str, nn.Parameter], bool]]
 Params = dict[str, torch.Tensor]
@@ -125,13 +126,14 @@ class FunctionalModel:
         """Select the parameters and detach every tensor of the module (cast to ``dtype`` if given)."""
         if not isinstance(module, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(module).__name__}")
-        names = select_parameters(module, params)
-        device, dtype = model_device_dtype(module, dtype)
-        cast = lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach()  # noqa: E731
-        named = dict(module.named_parameters())
-        primals = {name: cast(named[name]) for name in names}
-        constants = {name: cast(p) for name, p in named.items() if name not in primals}
-        constants.update({name: cast(b) for name, b in module.named_buffers()})
+        with using_module(module):  # not while another thread's functional_call swaps its tensors
+            names = select_parameters(module, params)
+            device, dtype = model_device_dtype(module, dtype)
+            cast = lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach()  # noqa: E731
+            named = dict(module.named_parameters())
+            primals = {name: cast(named[name]) for name in names}
+            constants = {name: cast(p) for name, p in named.items() if name not in primals}
+            constants.update({name: cast(b) for name, b in module.named_buffers()})
         return cls(module, primals, constants, device, dtype)
 
     @property
@@ -156,7 +158,8 @@ class FunctionalModel:
         """Outputs (N, O) of the batch x with parameters ``primals``."""
         n = pytree.tree_leaves(x)[0].shape[0]
         tensors = {**self.constants, **primals}
-        out = call_model(lambda *a, **k: functional_call(self.module, tensors, a, k), x)
+        with using_module(self.module):  # functional_call swaps the module's tensors while it runs
+            out = call_model(lambda *a, **k: functional_call(self.module, tensors, a, k), x)
         return flatten_output(out, n)
 
     def single(self, primals: Params, x: Batch) -> torch.Tensor:

@@ -474,6 +474,7 @@ def run_compute(args: argparse.Namespace) -> int:
     """``fastntk compute``: load, compute, summarise, write."""
     import fastntk
 
+    fastntk.keep_freed_memory()  # this process is ours: repeated kernels reuse freed memory (fastntk._heap)
     say: Callable[..., None] = (lambda *a, **k: None) if args.quiet else print
     out_path = check_out_path(args.out)
     model, model_label = load_model(args)

@@ -20,6 +20,7 @@ from .._errors import ModelError
 from .._functional import Params
 from .._gemm import fast_matmuls
 from .._inputs import Batch, batch_size
+from .._process import FORWARD_AD, Shared, flag
 from .base import KernelMethod
 from .jacobian import jacobian_bytes, per_sample_jacobians
 
@@ -70,23 +71,34 @@ class VPMethod(KernelMethod):
         return jacobian_bytes(self.f, self.num_outputs)  # the x2 block's Jacobian rows
 
 
+def fused_kernel_flags() -> list[Shared]:
+    """The process-wide flags :func:`forward_mode_kernels` sets: the fused transformer fast
+    path off, and of the attention kernels only the composite ("math") one on."""
+    flags = []
+    mha = getattr(torch.backends, "mha", None)
+    if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+        flags.append(flag(mha.get_fastpath_enabled, mha.set_fastpath_enabled, False))
+    for name, value in (("flash", False), ("mem_efficient", False), ("cudnn", False), ("math", True)):
+        get, set_ = getattr(torch.backends.cuda, f"{name}_sdp_enabled", None), getattr(torch.backends.cuda, f"enable_{name}_sdp", None)
+        if get is not None and set_ is not None:
+            flags.append(flag(get, set_, value))
+    return flags
+
+
+FUSED_KERNEL_FLAGS = fused_kernel_flags()
+"""Made once, with the module: every thread must share the same ones."""
+
+
 @contextlib.contextmanager
 def forward_mode_kernels() -> Iterator[None]:
     """Steer PyTorch away from fused inference kernels that have no forward-mode derivative.
 
     The fused TransformerEncoderLayer fast path and the flash/efficient attention kernels
     lack forward AD; the composite ("math") attention computes the same function with it.
+    The flags are process-wide: set while any thread is inside, restored when the last leaves.
+    So are forward-AD levels: one thread at a time is inside.
     """
-    with contextlib.ExitStack() as stack:
-        mha = getattr(torch.backends, "mha", None)
-        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
-            previous = mha.get_fastpath_enabled()
-            mha.set_fastpath_enabled(False)
-            stack.callback(mha.set_fastpath_enabled, previous)
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-        except ImportError:  # torch < 2.3
-            pass
-        else:
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    with FORWARD_AD, contextlib.ExitStack() as stack:
+        for shared in FUSED_KERNEL_FLAGS:
+            stack.enter_context(shared.scope())
         yield

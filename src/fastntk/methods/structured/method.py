@@ -11,7 +11,6 @@ so every model works and the kernel stays exact.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from ..._errors import ModelError
 from ..._functional import FunctionalModel
 from ..._inputs import Batch, batch_size, concat, same_batch, take
 from ..._modes import Mode, block_shape
+from ..._process import quiet_fallbacks
 from ..base import KernelMethod
 from ..jacobian import contract_jacobian_pair, flat_jacobian, jacobian_bytes, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents, samples_of
@@ -222,11 +222,10 @@ class StructuredMethod(KernelMethod):
         if chain:
             factors, conflicts = self.factors_of(observed, chunk=chunk, fast=heavy, chain=True, stream=streamed)
         elif chunk > 1:  # learn whether the backward pass vmaps over outputs
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with quiet_fallbacks() as fallbacks:  # this thread's, without swapping the process's filters
                 try:
                     factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True, fast=heavy, stream=streamed)
-                    batched = not any("performance drop" in str(w.message) for w in caught)
+                    batched = not fallbacks
                 except RuntimeError:  # an op whose backward cannot be vmapped over outputs
                     batched = False
         if not batched and not chain:
