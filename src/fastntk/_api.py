@@ -15,9 +15,10 @@ from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
 from ._errors import NonFiniteError, OptionError
 from ._heap import keep_freed_memory
 from ._functional import FunctionalModel, ParamSelection
-from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
+from ._inputs import Batch, BatchSpec, all_finite, first_samples, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
 from ._modes import MODES, Mode, check_mode
 from .methods import METHODS, KernelMethod
+from .methods.per_sample import vmap_failure
 from .plan import Plan, make_plan
 
 MODE_ALIASES: dict[str, Mode] = {"trace_mean": "trace"}
@@ -64,6 +65,7 @@ class NTKFunction:
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.memory_budget, self.check, self.progress = int(memory_budget), check, progress
         self._probed: dict[BatchSpec, tuple[int, int]] = {}
+        self._batchable: dict[BatchSpec, bool] = {}
         self._calibrations: dict[tuple[BatchSpec, str], Any] = {}
         self._choices: dict[tuple[BatchSpec, int, int | None], str] = {}
         FunctionalModel.build(model, params, dtype)  # validate the model and the selection now
@@ -91,6 +93,8 @@ class NTKFunction:
         available = min(PROBE, batch_size(x1) + (0 if x2 is None else batch_size(x2)))
         if spec not in self._probed or self._probed[spec][1] < available:
             self._probed[spec] = check_per_sample(f, x1, x2, PROBE)
+            self._batchable[spec] = vmap_failure(f, first_samples(x1, x2, PROBE)) is None
+        f.batchable = self._batchable[spec]
         return f, x1, x2, self._probed[spec][0]
 
     def calibrated(self, name: str, f: FunctionalModel, num_outputs: int, spec: BatchSpec) -> KernelMethod:

@@ -1,0 +1,96 @@
+"""Per-sample Jacobians of models vmap cannot batch over samples, by one pass per sample.
+
+torch.func.vmap fails on models with recurrent layers (nn.RNN/GRU write their hidden state in
+place; nn.LSTM's fused kernel keeps no workspace under no_grad), with ``.item()`` or Python
+control flow on tensor values (Hugging Face attention masks), or with in-place updates of
+batched state. :func:`vmap_failure` detects such a model once, on its probe samples; the
+methods then get their per-sample Jacobians from :func:`looped_jacobians`: a forward pass
+per sample and reverse passes over its outputs (vmapped over the outputs where the backward
+allows, else one by one). Same FLOPs as vmap(jacrev), but N·(1 + O) passes of one sample each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator
+
+import torch
+from torch.func import vjp, vmap
+
+from .._functional import FunctionalModel, Params
+from .._inputs import Batch, batch_size, take
+
+PASS_OVERHEAD_FLOPS = 2e6
+"""What one pass of one sample costs beyond its FLOPs (Python, dispatch, small kernels),
+in FLOPs: the cost model charges each of the loop's N·(1 + O) passes this much."""
+
+
+def vmap_failure(f: FunctionalModel, x: Batch) -> str | None:
+    """Why vmap cannot batch f over the samples of x (None: it can).
+
+    Tries what the methods vmap: a forward and a reverse pass per sample, vmapped over the
+    samples of x (a few), under no_grad as the kernel runs. The model already ran on x
+    unbatched, so any failure here is vmap's.
+    """
+    def one(xn: Batch) -> Params:
+        out, pull = vjp(lambda p: f.single(p, xn), f.primals)
+        return pull(torch.ones_like(out))
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's "performance drop" notes: only whether it fails matters here
+            vmap(one)(x)
+    except Exception as exc:  # noqa: BLE001 - any error under vmap means: not batchable
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def looped_jacobians(f: FunctionalModel, x: Batch) -> Params:
+    """∂f(θ, x_n)/∂θ for every sample, without vmap over samples: a dict name -> (N, O, *parameter shape).
+
+    Each sample gets its own forward pass (a batch of one) and a reverse pass per output,
+    vmapped over its outputs while the model's backward allows (learnt on the first sample).
+    """
+    primals = {name: p.detach().requires_grad_() for name, p in f.primals.items()}
+    names, tensors = list(primals), list(primals.values())
+    n = batch_size(x)
+    rows: Params = {}
+    batched = True
+    for i in range(n):
+        with torch.enable_grad():
+            out = f(primals, take(x, i, i + 1))[0]  # (O,)
+        o = out.shape[0]
+        if not rows:
+            rows = {name: torch.empty((n, o, *p.shape), dtype=out.dtype, device=out.device) for name, p in primals.items()}
+        grads: list[torch.Tensor | None] | None = None
+        if batched and o > 1:
+            try:
+                grads = list(torch.autograd.grad(out, tensors, torch.eye(o, dtype=out.dtype, device=out.device), retain_graph=True, is_grads_batched=True, allow_unused=True))
+            except RuntimeError:  # a backward op that cannot be vmapped over outputs: one by one from now on
+                batched = False
+        if grads is None:
+            per_output = [torch.autograd.grad(out[a], tensors, retain_graph=a + 1 < o, allow_unused=True) for a in range(o)]
+            grads = [None if all(g[k] is None for g in per_output) else torch.stack([torch.zeros_like(t) if g[k] is None else g[k] for g in per_output]) for k, t in enumerate(tensors)]
+        for name, g in zip(names, grads):
+            if g is None:
+                rows[name][i].zero_()
+            else:
+                rows[name][i].copy_(g)
+        del out, grads
+    return rows
+
+
+def loop_overhead(samples: float, num_outputs: int) -> float:
+    """FLOPs the cost model adds for :func:`looped_jacobians` on ``samples`` samples (its passes' overhead)."""
+    return samples * (1 + num_outputs) * PASS_OVERHEAD_FLOPS
+
+
+@contextlib.contextmanager
+def composite_rnn_kernels() -> Iterator[None]:
+    """Run recurrent layers by PyTorch's composite kernels instead of oneDNN's fused ones, which
+    lack forward-mode derivatives (nn.LSTM on CPU); the setting is restored on exit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flags() also re-sets oneDNN's TF32 flag, with a deprecation note
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
