@@ -1,0 +1,164 @@
+"""Models vmap cannot batch over samples (recurrent layers, .item(), in-place state): every
+method, in every mode, against the float64 reference; the probe; the cost of the loop path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastntk
+from conftest import assert_kernel_close, reduce_full
+from fastntk._functional import FunctionalModel
+from fastntk.methods.per_sample import looped_jacobians, vmap_failure
+
+METHODS = ["jacobian", "vp", "structured", "auto"]
+MODES = ["full", "trace", "diagonal"]
+FEATURES, HIDDEN, STEPS = 3, 5, 4
+
+
+class Recurrent(nn.Module):
+    """A recurrent layer on (N, T, F) inputs and a Linear head on its last step or its mean over steps."""
+
+    def __init__(self, cls: type[nn.RNNBase], *, batch_first: bool, head: str, **kwargs: object) -> None:
+        super().__init__()
+        self.rnn = cls(FEATURES, HIDDEN, batch_first=batch_first, **kwargs)
+        self.batch_first, self.head_on = batch_first, head
+        self.head = nn.Linear(HIDDEN * (2 if self.rnn.bidirectional else 1), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        y = y if self.batch_first else y.transpose(0, 1)  # (N, T, H)
+        return self.head(y[:, -1] if self.head_on == "last" else y.mean(1))
+
+
+class ItemControlFlow(nn.Module):
+    """Python control flow on a tensor's value (.item()), which vmap cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(FEATURES * STEPS, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x.flatten(1))
+        if h.abs().max().item() > 100.0:  # never taken, but read per batch
+            h = h / 100.0
+        return self.b(torch.tanh(h))
+
+
+class InPlaceState(nn.Module):
+    """A hand-written recurrence that writes each step into a preallocated state in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.Linear(FEATURES + HIDDEN, HIDDEN), nn.Linear(HIDDEN, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], HIDDEN, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h.copy_(torch.tanh(self.cell(torch.cat([x[:, t], h], dim=1))))
+        return self.head(h)
+
+
+MODELS = {
+    "rnn_batch_first_last": lambda: Recurrent(nn.RNN, batch_first=True, head="last"),
+    "rnn_relu_two_layers_mean": lambda: Recurrent(nn.RNN, batch_first=False, head="mean", num_layers=2, nonlinearity="relu"),
+    "gru_bidirectional_mean": lambda: Recurrent(nn.GRU, batch_first=False, head="mean", bidirectional=True),
+    "gru_two_layers_last": lambda: Recurrent(nn.GRU, batch_first=True, head="last", num_layers=2),
+    "lstm_batch_first_two_layers_mean": lambda: Recurrent(nn.LSTM, batch_first=True, head="mean", num_layers=2),
+    "lstm_bidirectional_last": lambda: Recurrent(nn.LSTM, batch_first=False, head="last", bidirectional=True),
+    "item_control_flow": ItemControlFlow,
+    "in_place_state": InPlaceState,
+}
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name]().double().eval()
+
+
+def draw(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, STEPS, FEATURES, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+REFERENCES: dict[tuple[str, bool], torch.Tensor] = {}
+
+
+def reference(name: str, gram: bool) -> torch.Tensor:
+    if (name, gram) not in REFERENCES:
+        REFERENCES[name, gram] = fastntk.reference_ntk(build(name), draw(4, 1), None if gram else draw(3, 2))
+    return REFERENCES[name, gram]
+
+
+@pytest.mark.parametrize("gram", [False, True], ids=["x1-x2", "gram"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_unbatchable_models_match_reference(name: str, method: str, mode: str, gram: bool) -> None:
+    """Regression: these models raised vmap's RuntimeError from every method."""
+    kernel = fastntk.ntk(build(name), draw(4, 1), None if gram else draw(3, 2), mode=mode, method=method)
+    assert_kernel_close(kernel, reduce_full(reference(name, gram), mode), torch.float64)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_probe_names_why_vmap_fails(name: str) -> None:
+    f = FunctionalModel.build(build(name))
+    assert vmap_failure(f, draw(2, 1)) is not None
+
+
+def test_probe_passes_batchable_models() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(FEATURES * STEPS, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    assert vmap_failure(FunctionalModel.build(model), draw(2, 1)) is None
+
+
+def test_looped_jacobians_match_vmapped_ones() -> None:
+    """The loop path gives what vmap(jacrev) gives, on a model both can run."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(FEATURES * STEPS, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    f = FunctionalModel.build(model)
+    x = draw(3, 1)
+    from fastntk.methods.jacobian import per_sample_jacobians
+
+    expected = per_sample_jacobians(f, x)
+    looped = looped_jacobians(f, x)
+    assert list(looped) == list(expected)
+    for name, j in expected.items():
+        assert_kernel_close(looped[name], j, torch.float64)
+
+
+def test_ntk_fn_probes_once_per_kind_of_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastntk import _api
+
+    calls: list[int] = []
+    original = _api.vmap_failure
+    monkeypatch.setattr(_api, "vmap_failure", lambda f, x: calls.append(1) or original(f, x))
+    fn = fastntk.ntk_fn(build("gru_two_layers_last"), method="jacobian")
+    first = fn(draw(4, 1))
+    second = fn(draw(4, 1))
+    assert len(calls) == 1
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_structured_fallback_loops_over_samples() -> None:
+    """The recurrent weights go to the structured method's fallback, the head stays structured."""
+    fn = fastntk.ntk_fn(build("lstm_bidirectional_last"), method="structured")
+    plan = fn.plan(draw(4, 1))
+    kinds = {g.parameters: g.kind for g in plan.groups}
+    assert kinds[("head.weight", "head.bias")] != "fallback"
+    assert all(kind == "fallback" for names, kind in kinds.items() if names[0].startswith("rnn."))
+
+
+def test_plan_charges_the_loop_path() -> None:
+    """The cost model adds each looped pass's overhead to the methods that loop, and only for
+    models vmap cannot batch."""
+    from fastntk.methods.per_sample import loop_overhead
+
+    model = build("gru_two_layers_last")
+    x1, x2 = draw(4, 1), draw(3, 2)
+    plan = fastntk.plan(model, x1, x2)
+    f = FunctionalModel.build(model)
+    f.batchable = True
+    from fastntk.methods import METHODS
+    from fastntk.plan import estimate
+
+    batched = estimate(METHODS["jacobian"](f, "full", 2), 4, 3, plan.forward_flops, 2**30)
+    assert plan.flops["jacobian"] == pytest.approx(batched + loop_overhead(4 + 3, 2))
