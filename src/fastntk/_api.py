@@ -15,7 +15,7 @@ from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
 from ._errors import NonFiniteError, OptionError
 from ._heap import keep_freed_memory
 from ._functional import FunctionalModel, ParamSelection
-from ._inputs import Batch, BatchSpec, all_finite, first_samples, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
+from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe, first_samples
 from ._modes import MODES, Mode, check_mode
 from .methods import METHODS, KernelMethod
 from .methods.per_sample import vmap_failure
@@ -93,8 +93,7 @@ class NTKFunction:
         available = min(PROBE, batch_size(x1) + (0 if x2 is None else batch_size(x2)))
         if spec not in self._probed or self._probed[spec][1] < available:
             self._probed[spec] = check_per_sample(f, x1, x2, PROBE)
-            self._batchable[spec] = vmap_failure(f, first_samples(x1, x2, PROBE)) is None
-        f.batchable = self._batchable[spec]
+        f.batchable = self._batchable.get(spec, True)  # until vmap is seen to fail on such inputs
         return f, x1, x2, self._probed[spec][0]
 
     def calibrated(self, name: str, f: FunctionalModel, num_outputs: int, spec: BatchSpec) -> KernelMethod:
@@ -113,6 +112,9 @@ class NTKFunction:
     def estimate(self, f: FunctionalModel, x1: Batch, x2: Batch | None, num_outputs: int) -> tuple[Plan, dict[str, KernelMethod]]:
         """:meth:`plan` for inputs already validated by :meth:`prepare`, with the methods it costed."""
         spec = describe(x1, "x1")
+        if spec not in self._batchable:  # the costs differ when the Jacobians must be looped
+            self._batchable[spec] = vmap_failure(f, first_samples(x1, x2, 1)) is None
+        f.batchable = self._batchable[spec]
         structured = self.calibrated("structured", f, num_outputs, spec)
         with kernel_context():
             plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured, self.chunk_size)
@@ -148,7 +150,9 @@ class NTKFunction:
         method = self.kernel_method(f, num_outputs, x1, x2)
         with torch.no_grad(), kernel_context():
             kernel = compute_kernel(method, x1, x2, block=self.chunk_size, budget=self.memory_budget, progress=self.progress)
-        self._calibrations[(describe(x1, "x1"), method.name)] = method.calibration
+        spec = describe(x1, "x1")
+        self._calibrations[(spec, method.name)] = method.calibration
+        self._batchable[spec] = f.batchable  # False once vmap failed on these inputs: later calls loop at once
         if self.mean:
             kernel = kernel / num_outputs
         if self.check and not all_finite(kernel):

@@ -100,10 +100,23 @@ def test_unbatchable_models_match_reference(name: str, method: str, mode: str, g
     assert_kernel_close(kernel, reduce_full(reference(name, gram), mode), torch.float64)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["lstm_batch_first_two_layers_mean", "lstm_bidirectional_last"])
+def test_float32_lstm_matches_reference(name: str, method: str, mode: str) -> None:
+    """Regression: a float32 LSTM runs oneDNN's fused kernel on CPU, which keeps no workspace
+    under no_grad (vmap's backward failed) and has no forward mode (vp failed)."""
+    model = build(name).float()
+    x1, x2 = draw(4, 1).float(), draw(3, 2).float()
+    kernel = fastntk.ntk(model, x1, x2, mode=mode, method=method)
+    assert kernel.dtype == torch.float32
+    assert_kernel_close(kernel, fastntk.reference_ntk(model, x1, x2, mode=mode), torch.float32)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_probe_names_why_vmap_fails(name: str) -> None:
     f = FunctionalModel.build(build(name))
-    assert vmap_failure(f, draw(2, 1)) is not None
+    assert vmap_failure(f, draw(1, 1)) is not None
 
 
 def test_probe_passes_batchable_models() -> None:
@@ -125,17 +138,35 @@ def test_looped_jacobians_match_vmapped_ones() -> None:
         assert_kernel_close(looped[name], j, torch.float64)
 
 
-def test_ntk_fn_probes_once_per_kind_of_input(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fastntk import _api
+@pytest.fixture
+def vmap_attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls of vmap(jacrev(...)) over samples, whether they fail or not."""
+    from fastntk.methods import jacobian
 
     calls: list[int] = []
-    original = _api.vmap_failure
-    monkeypatch.setattr(_api, "vmap_failure", lambda f, x: calls.append(1) or original(f, x))
-    fn = fastntk.ntk_fn(build("gru_two_layers_last"), method="jacobian")
-    first = fn(draw(4, 1))
-    second = fn(draw(4, 1))
-    assert len(calls) == 1
+    original = jacobian.vmap
+    monkeypatch.setattr(jacobian, "vmap", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("method", ["jacobian", "vp", "structured"])
+def test_vmap_failure_is_learnt_once(method: str, vmap_attempts: list[int]) -> None:
+    """One failed vmap per kind of input: later blocks (chunk_size=1) and later calls loop at once."""
+    fn = fastntk.ntk_fn(build("gru_two_layers_last"), method=method, chunk_size=1)
+    first = fn(draw(3, 1), draw(2, 2))
+    assert len(vmap_attempts) == 1
+    second = fn(draw(3, 1), draw(2, 2))
+    assert len(vmap_attempts) == 1
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_auto_probes_before_costing(vmap_attempts: list[int]) -> None:
+    """auto knows before choosing that the Jacobians will be looped (the probe), and never tries vmap."""
+    fn = fastntk.ntk_fn(build("lstm_bidirectional_last"))
+    assert fn.plan(draw(4, 1)).chosen in ("jacobian", "structured")
+    assert list(fn._batchable.values()) == [False]
+    fn(draw(4, 1))
+    assert vmap_attempts == []
 
 
 def test_structured_fallback_loops_over_samples() -> None:

@@ -3,17 +3,18 @@
 torch.func.vmap fails on models with recurrent layers (nn.RNN/GRU write their hidden state in
 place; nn.LSTM's fused kernel keeps no workspace under no_grad), with ``.item()`` or Python
 control flow on tensor values (Hugging Face attention masks), or with in-place updates of
-batched state. :func:`vmap_failure` detects such a model once, on its probe samples; the
-methods then get their per-sample Jacobians from :func:`looped_jacobians`: a forward pass
-per sample and reverse passes over its outputs (vmapped over the outputs where the backward
-allows, else one by one). Same FLOPs as vmap(jacrev), but N·(1 + O) passes of one sample each.
+batched state. The methods' per-sample Jacobians then come from :func:`looped_jacobians`: a
+forward pass per sample and reverse passes over its outputs (vmapped over the outputs where
+the backward allows, else one by one); same FLOPs as vmap(jacrev), but N·(1 + O) passes of
+one sample each. :func:`vmapped_or_looped` learns it from the first failure (once per kind
+of input for ``ntk_fn``); ``method="auto"`` asks :func:`vmap_failure` first, to cost the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.func import vjp, vmap
@@ -30,8 +31,10 @@ def vmap_failure(f: FunctionalModel, x: Batch) -> str | None:
     """Why vmap cannot batch f over the samples of x (None: it can).
 
     Tries what the methods vmap: a forward and a reverse pass per sample, vmapped over the
-    samples of x (a few), under no_grad as the kernel runs. The model already ran on x
-    unbatched, so any failure here is vmap's.
+    samples of x, under no_grad as the kernel runs (one sample is enough: vmap refuses
+    ``.item()``, control flow on values and in-place writes of batched values into
+    unbatched tensors whatever the batch size). The model already ran on x unbatched, so
+    any failure here is vmap's.
     """
     def one(xn: Batch) -> Params:
         out, pull = vjp(lambda p: f.single(p, xn), f.primals)
@@ -44,6 +47,23 @@ def vmap_failure(f: FunctionalModel, x: Batch) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any error under vmap means: not batchable
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
+
+
+def vmapped_or_looped(f: FunctionalModel, x: Batch, vmapped: Callable[[], Params]) -> Params:
+    """The per-sample Jacobians ``vmapped()`` computes, or, should vmap fail on this model,
+    :func:`looped_jacobians` (and ``f.batchable`` set False, so later blocks loop at once).
+
+    The model already ran on these inputs unbatched (the per-sample probe), so a failure
+    under vmap is vmap's; running out of memory is not a reason to loop, and is raised.
+    """
+    if f.batchable:
+        try:
+            return vmapped()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - see vmap_failure for what fails
+            f.batchable = False
+    return looped_jacobians(f, x)
 
 
 def looped_jacobians(f: FunctionalModel, x: Batch) -> Params:
