@@ -10,14 +10,12 @@ import torch
 from torch import nn
 
 import fastntk
-from conftest import assert_kernel_close, reduce_full
+from conftest import METHOD_MODES, assert_matches_reference
 from fastntk._functional import flatten_output
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the test extra: pip install -e .[test]")
 transformers.logging.set_verbosity_error()
 
-METHODS = ["jacobian", "vp", "structured", "auto"]
-MODES = ["full", "trace", "diagonal"]
 VOCAB, LENGTH = 13, 5
 
 
@@ -77,26 +75,14 @@ def inputs(name: str, n: int, seed: int) -> object:
     return MODELS[name][1](n, seed)
 
 
-REFERENCES: dict[tuple[str, bool], torch.Tensor] = {}
-
-
-def reference(name: str, gram: bool) -> torch.Tensor:
-    if (name, gram) not in REFERENCES:
-        x2 = None if gram else inputs(name, 2, 2)
-        REFERENCES[name, gram] = fastntk.reference_ntk(build(name), inputs(name, 3, 1), x2)
-    return REFERENCES[name, gram]
-
-
 @pytest.mark.parametrize("gram", [False, True], ids=["x1-x2", "gram"])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, mode", METHOD_MODES)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_transformers_match_reference(name: str, method: str, mode: str, gram: bool) -> None:
     """Regression: BERT with an attention mask raised vmap's .item() error from every method; the
     GPT-2 models' outputs (logits beside a cache) were refused."""
     x2 = None if gram else inputs(name, 2, 2)
-    kernel = fastntk.ntk(build(name), inputs(name, 3, 1), x2, mode=mode, method=method)
-    assert_kernel_close(kernel, reduce_full(reference(name, gram), mode), torch.float64)
+    assert_matches_reference((__name__, name, gram), lambda: build(name), inputs(name, 3, 1), x2, method, mode)
 
 
 def test_model_output_counts_by_its_logits() -> None:
