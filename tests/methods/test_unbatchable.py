@@ -101,6 +101,7 @@ def test_float32_lstm_matches_reference(name: str, method: str, mode: str) -> No
     kernel = fastntk.ntk(model, x1, x2, mode=mode, method=method)
     assert kernel.dtype == torch.float32
     assert_kernel_close(kernel, fastntk.reference_ntk(model, x1, x2, mode=mode), torch.float32)
+    assert torch.backends.mkldnn.enabled  # vp ran the LSTM without oneDNN, and restored it
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -112,6 +113,42 @@ def test_probe_names_why_vmap_fails(name: str) -> None:
 def test_probe_passes_batchable_models() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(FEATURES * STEPS, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     assert vmap_failure(FunctionalModel.build(model), draw(2, 1)) is None
+
+
+def test_looped_jacobians_zero_for_parameters_an_output_does_not_reach() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 1), nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.a(x), self.b(x)], dim=1)
+
+    f = FunctionalModel.build(TwoHeads().double())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    j = looped_jacobians(f, x)
+    assert j["a.weight"].shape == (2, 2, 1, 3)
+    torch.testing.assert_close(j["a.weight"][:, 0, 0], x)
+    assert (j["a.weight"][:, 1] == 0).all() and (j["b.bias"][:, 0] == 0).all()
+
+
+def test_looped_jacobians_one_output_at_a_time_when_the_backward_cannot_be_vmapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(FEATURES * STEPS, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    f, x = FunctionalModel.build(model), draw(3, 1)
+    expected = per_sample_jacobians(f, x)
+    original, batched_calls = torch.autograd.grad, []
+
+    def no_batched_backward(*args, is_grads_batched: bool = False, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if is_grads_batched:
+            batched_calls.append(1)
+            raise RuntimeError("no batching rule")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batched_backward)
+    looped = looped_jacobians(f, x)
+    assert batched_calls == [1]  # tried once, then one output at a time for every sample
+    for name, j in expected.items():
+        assert_kernel_close(looped[name], j, torch.float64)
 
 
 def test_looped_jacobians_match_vmapped_ones() -> None:

@@ -12,15 +12,16 @@ of input for ``ntk_fn``); ``method="auto"`` asks :func:`vmap_failure` first, to 
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, TypeVar
 
 import torch
 from torch.func import vjp, vmap
 
 from .._functional import FunctionalModel, Params
 from .._inputs import Batch, batch_size, take
+
+T = TypeVar("T")
 
 PASS_OVERHEAD_FLOPS = 2e6
 """What one pass of one sample costs beyond its FLOPs (Python, dispatch, small kernels),
@@ -73,31 +74,31 @@ def looped_jacobians(f: FunctionalModel, x: Batch) -> Params:
     vmapped over its outputs while the model's backward allows (learnt on the first sample).
     """
     primals = {name: p.detach().requires_grad_() for name, p in f.primals.items()}
-    names, tensors = list(primals), list(primals.values())
+    tensors = list(primals.values())
     n = batch_size(x)
     rows: Params = {}
     batched = True
+
+    def store(i: int, a: int | slice, grads: tuple[torch.Tensor | None, ...]) -> None:
+        for row, g in zip(rows.values(), grads):
+            if g is not None:  # None: these outputs do not reach the parameter (its rows stay 0)
+                row[i, a] = g
+
     for i in range(n):
         with torch.enable_grad():
             out = f(primals, take(x, i, i + 1))[0]  # (O,)
         o = out.shape[0]
         if not rows:
-            rows = {name: torch.empty((n, o, *p.shape), dtype=out.dtype, device=out.device) for name, p in primals.items()}
-        grads: list[torch.Tensor | None] | None = None
+            rows = {name: torch.zeros((n, o, *p.shape), dtype=out.dtype, device=out.device) for name, p in primals.items()}
         if batched and o > 1:
-            try:
-                grads = list(torch.autograd.grad(out, tensors, torch.eye(o, dtype=out.dtype, device=out.device), retain_graph=True, is_grads_batched=True, allow_unused=True))
+            basis = torch.eye(o, dtype=out.dtype, device=out.device)
+            try:  # the graph is kept should this fail part way, for the passes one by one
+                store(i, slice(None), torch.autograd.grad(out, tensors, basis, retain_graph=True, is_grads_batched=True, allow_unused=True))
+                continue
             except RuntimeError:  # a backward op that cannot be vmapped over outputs: one by one from now on
                 batched = False
-        if grads is None:
-            per_output = [torch.autograd.grad(out[a], tensors, retain_graph=a + 1 < o, allow_unused=True) for a in range(o)]
-            grads = [None if all(g[k] is None for g in per_output) else torch.stack([torch.zeros_like(t) if g[k] is None else g[k] for g in per_output]) for k, t in enumerate(tensors)]
-        for name, g in zip(names, grads):
-            if g is None:
-                rows[name][i].zero_()
-            else:
-                rows[name][i].copy_(g)
-        del out, grads
+        for a in range(o):
+            store(i, a, torch.autograd.grad(out[a], tensors, retain_graph=a + 1 < o, allow_unused=True))
     return rows
 
 
@@ -106,11 +107,14 @@ def loop_overhead(samples: float, num_outputs: int) -> float:
     return samples * (1 + num_outputs) * PASS_OVERHEAD_FLOPS
 
 
-@contextlib.contextmanager
-def composite_rnn_kernels() -> Iterator[None]:
-    """Run recurrent layers by PyTorch's composite kernels instead of oneDNN's fused ones, which
-    lack forward-mode derivatives (nn.LSTM on CPU); the setting is restored on exit."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # flags() also re-sets oneDNN's TF32 flag, with a deprecation note
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
+def or_on_composite_kernels(run: Callable[[], T]) -> T:
+    """``run()`` (forward-mode passes); should an op lack a forward-mode derivative, ``run()``
+    again with recurrent layers on PyTorch's composite kernels instead of oneDNN's fused ones,
+    which lack it (nn.LSTM on CPU). oneDNN's setting is restored after."""
+    try:
+        return run()
+    except NotImplementedError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flags() also re-sets oneDNN's TF32 flag, with a deprecation note
+            with torch.backends.mkldnn.flags(enabled=False):
+                return run()

@@ -22,7 +22,7 @@ from .._gemm import fast_matmuls
 from .._inputs import Batch, batch_size
 from .base import KernelMethod
 from .jacobian import jacobian_bytes, per_sample_jacobians
-from .per_sample import composite_rnn_kernels
+from .per_sample import or_on_composite_kernels
 
 
 SAMPLE_EVALUATIONS = 2048
@@ -53,11 +53,7 @@ class VPMethod(KernelMethod):
         chunk = self.vmap_chunk or max(1, SAMPLE_EVALUATIONS // batch_size(left))
         with fast_matmuls(), forward_mode_kernels():  # the model's passes: through the dispatch mode
             try:
-                try:
-                    products = vmap(push, chunk_size=chunk)(tangents)  # K[n, m, a, b] at [m·O + b, n, a]
-                except NotImplementedError:
-                    with composite_rnn_kernels():  # oneDNN's fused LSTM lacks forward AD
-                        products = vmap(push, chunk_size=chunk)(tangents)
+                products = or_on_composite_kernels(lambda: vmap(push, chunk_size=chunk)(tangents))  # K[n, m, a, b] at [m·O + b, n, a]
             except NotImplementedError as exc:
                 raise ModelError(
                     f"method='vp' needs forward-mode AD, which an operation of this model lacks ({str(exc).splitlines()[0]}); "
