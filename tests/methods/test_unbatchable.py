@@ -222,3 +222,11 @@ def test_plan_counts_every_step_of_a_recurrent_layer(name: str) -> None:
     model = build(name)
     weights = sum(p.numel() for n, p in model.rnn.named_parameters() if n.startswith("weight"))
     assert fastntk.plan(model, draw(4, 1)).forward_flops >= 2 * STEPS * weights
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_disk_gram_of_an_lstm(method: str) -> None:
+    """fastntk.gram (blocks of 2, the plan costed and the fallback learnt per block) on a model vmap cannot batch."""
+    model, x = build("lstm_bidirectional_last"), draw(5, 1)
+    kernel = torch.as_tensor(fastntk.gram(model, x, mode="trace", method=method, block_size=2, progress=False))
+    assert_kernel_close(kernel, fastntk.reference_ntk(model, x, mode="trace"), torch.float64)
