@@ -228,7 +228,8 @@ def ntk(
     r"""The empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ of ``model``.
 
     J is the Jacobian of the O per-sample outputs (every output tensor flattened per
-    sample and concatenated in pytree order) with respect to the selected parameters.
+    sample and concatenated in pytree order; of a Hugging Face ModelOutput, its logits)
+    with respect to the selected parameters.
 
     Args:
         model: any ``nn.Module``, used as it is (train/eval mode honoured, never modified).
