@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable, Hashable
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import settings
 
 import fastntk
 from cases import CASES_BY_NAME
+from fastntk._inputs import Batch
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
@@ -61,6 +63,24 @@ def reduce_full(full: torch.Tensor, mode: str) -> torch.Tensor:
         return full
     diagonal = torch.diagonal(full, dim1=2, dim2=3)
     return diagonal if mode == "diagonal" else diagonal.sum(-1)
+
+
+METHODS = ["jacobian", "vp", "structured", "auto"]
+MODES = ["full", "trace", "diagonal"]
+METHOD_MODES = [(method, mode) for method in METHODS for mode in MODES]
+"""Every method in every mode, for one parametrize."""
+
+_REFERENCES: dict[Hashable, torch.Tensor] = {}
+
+
+def assert_matches_reference(key: Hashable, build: Callable[[], torch.nn.Module], x1: Batch, x2: Batch | None, method: str, mode: str) -> None:
+    """fastntk.ntk of a float64 model against fastntk.reference_ntk (the full reference computed
+    once per ``key``, reduced per ``mode``)."""
+    if key not in _REFERENCES:
+        _REFERENCES[key] = fastntk.reference_ntk(build(), x1, x2)
+    kernel = fastntk.ntk(build(), x1, x2, mode=mode, method=method)
+    assert kernel.dtype == torch.float64
+    assert_kernel_close(kernel, reduce_full(_REFERENCES[key], mode), torch.float64)
 
 
 @pytest.fixture(autouse=True)

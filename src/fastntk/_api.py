@@ -15,10 +15,11 @@ from ._engine import DEFAULT_MEMORY_BUDGET, compute_kernel
 from ._errors import NonFiniteError, OptionError
 from ._heap import keep_freed_memory, keep_heap_requested
 from ._functional import FunctionalModel, ParamSelection
-from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe
+from ._inputs import Batch, BatchSpec, all_finite, batch_size, cast_floating, check_compatible, check_finite, check_fits_model, describe, first_samples
 from ._modes import MODES, Mode, check_mode
 from ._process import quiet_fallbacks
 from .methods import METHODS, KernelMethod
+from .methods.per_sample import vmap_failure
 from .plan import Plan, make_plan
 
 MODE_ALIASES: dict[str, Mode] = {"trace_mean": "trace"}
@@ -65,6 +66,7 @@ class NTKFunction:
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.memory_budget, self.check, self.progress = int(memory_budget), check, progress
         self._probed: dict[BatchSpec, tuple[int, int]] = {}
+        self._batchable: dict[BatchSpec, bool] = {}
         self._calibrations: dict[tuple[BatchSpec, str], Any] = {}
         self._choices: dict[tuple[BatchSpec, int, int | None], str] = {}
         FunctionalModel.build(model, params, dtype)  # validate the model and the selection now
@@ -92,6 +94,7 @@ class NTKFunction:
         available = min(PROBE, batch_size(x1) + (0 if x2 is None else batch_size(x2)))
         if spec not in self._probed or self._probed[spec][1] < available:
             self._probed[spec] = check_per_sample(f, x1, x2, PROBE)
+        f.batchable = self._batchable.get(spec, True)  # until vmap is seen to fail on such inputs
         return f, x1, x2, self._probed[spec][0]
 
     def calibrated(self, name: str, f: FunctionalModel, num_outputs: int, spec: BatchSpec) -> KernelMethod:
@@ -110,6 +113,9 @@ class NTKFunction:
     def estimate(self, f: FunctionalModel, x1: Batch, x2: Batch | None, num_outputs: int) -> tuple[Plan, dict[str, KernelMethod]]:
         """:meth:`plan` for inputs already validated by :meth:`prepare`, with the methods it costed."""
         spec = describe(x1, "x1")
+        if spec not in self._batchable:  # the costs differ when the Jacobians must be looped
+            self._batchable[spec] = vmap_failure(f, first_samples(x1, x2, 1)) is None
+        f.batchable = self._batchable[spec]
         structured = self.calibrated("structured", f, num_outputs, spec)
         with kernel_context():
             plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured, self.chunk_size)
@@ -145,7 +151,9 @@ class NTKFunction:
         method = self.kernel_method(f, num_outputs, x1, x2)
         with torch.no_grad(), kernel_context():
             kernel = compute_kernel(method, x1, x2, block=self.chunk_size, budget=self.memory_budget, progress=self.progress)
-        self._calibrations[(describe(x1, "x1"), method.name)] = method.calibration
+        spec = describe(x1, "x1")
+        self._calibrations[(spec, method.name)] = method.calibration
+        self._batchable[spec] = f.batchable  # False once vmap failed on these inputs: later calls loop at once
         if self.mean:
             kernel = kernel / num_outputs
         if self.check and not all_finite(kernel):
@@ -231,7 +239,8 @@ def ntk(
     r"""The empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ of ``model``.
 
     J is the Jacobian of the O per-sample outputs (every output tensor flattened per
-    sample and concatenated in pytree order) with respect to the selected parameters.
+    sample and concatenated in pytree order; of a Hugging Face ModelOutput, its logits)
+    with respect to the selected parameters.
 
     Args:
         model: any ``nn.Module``, used as it is (train/eval mode honoured, never modified).

@@ -23,8 +23,12 @@ def flatten_output(out: Any, n: int) -> torch.Tensor:
     """Outputs of a batch of n samples as an (n, O) matrix.
 
     Every tensor leaf of the output (tensor, tuple/list by position, dict in
-    insertion order) is flattened per sample and the pieces are concatenated.
+    insertion order) is flattened per sample and the pieces are concatenated. A Hugging
+    Face ``ModelOutput`` counts by its ``logits`` when it has them, else by its tensor
+    fields in order (None fields are absent from it; caches, loss and the like are not outputs).
     """
+    if is_model_output(out):
+        out = out["logits"] if "logits" in out else [v for v in out.values() if isinstance(v, torch.Tensor)]
     flat = pytree.tree_leaves(out)
     if not flat or not all(isinstance(t, torch.Tensor) for t in flat):
         raise ModelError(
@@ -39,6 +43,13 @@ def flatten_output(out: Any, n: int) -> torch.Tensor:
         if not (t.is_floating_point() or t.is_complex()):
             raise ModelError(f"the model returned a {t.dtype} output: outputs must be floating point to be differentiated")
     return torch.cat([t.reshape(n, -1) for t in flat], dim=1)
+
+
+def is_model_output(out: Any) -> bool:
+    """Whether ``out`` is a Hugging Face transformers ``ModelOutput`` (detected without importing transformers)."""
+    return isinstance(out, Mapping) and any(
+        c.__name__ == "ModelOutput" and c.__module__.startswith("transformers.") for c in type(out).__mro__
+    )
 
 
 def select_parameters(model: nn.Module, params: ParamSelection) -> list[str]:
@@ -113,6 +124,8 @@ class FunctionalModel:
         primals: the selected parameters θ (detached, in ``dtype``), by canonical name.
         constants: every other parameter and buffer (detached, in ``dtype``).
         device, dtype: where and in which floating dtype the kernel is computed.
+        batchable: whether vmap can batch the model over samples (set by the probe; when
+            not, per-sample Jacobians come from one pass per sample, see ``methods.per_sample``).
     """
 
     module: nn.Module
@@ -120,6 +133,7 @@ class FunctionalModel:
     constants: Params
     device: torch.device
     dtype: torch.dtype
+    batchable: bool = True
 
     @classmethod
     def build(cls, module: nn.Module, params: ParamSelection = None, dtype: torch.dtype | None = None) -> "FunctionalModel":
@@ -145,7 +159,7 @@ class FunctionalModel:
         """The same model as a function of the primals ``names`` only (the others held constant)."""
         kept = {name: self.primals[name] for name in names}
         held = {name: t for name, t in self.primals.items() if name not in kept}
-        return FunctionalModel(self.module, kept, {**self.constants, **held}, self.device, self.dtype)
+        return FunctionalModel(self.module, kept, {**self.constants, **held}, self.device, self.dtype, self.batchable)
 
     def check_finite_params(self) -> None:
         """Raise NonFiniteError naming the first parameter or buffer holding NaN or inf."""

@@ -24,6 +24,7 @@ from ._inputs import Batch, batch_size
 from ._modes import Mode
 from .methods import METHODS, KernelMethod, StructuredMethod
 from .methods.jacobian import jacobian_pair_flops
+from .methods.per_sample import loop_overhead
 
 BACKWARD_FACTOR = 3.0
 """A reverse pass (with its forward) costs about this many forward passes."""
@@ -97,13 +98,16 @@ def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: i
     if (block + m) * method.bytes_per_sample() > budget:  # right factors recomputed per block row
         factor_samples = n1 + rows * m
     per_sample = fp + o * BACKWARD_FACTOR * fp
+    looped = 0.0 if method.f.batchable else loop_overhead(1, o)  # per sample whose Jacobian is looped
     if method.name == "vp":
-        return m * rows * per_sample + 3.0 * n1 * m * o * fp
+        return m * rows * (per_sample + looped) + 3.0 * n1 * m * o * fp
     if method.name == "jacobian":
-        return factor_samples * per_sample + pairs * jacobian_pair_flops(mode, o, p)
+        return factor_samples * (per_sample + looped) + pairs * jacobian_pair_flops(mode, o, p)
     assert isinstance(method, StructuredMethod) and method.calibration is not None
     layout = method.calibration
     fallback = sum(method.f.primals[name].numel() for name in layout.fallback)
+    if layout.fallback and looped:  # the fallback's own passes, one sample at a time, beside the batched capture
+        per_sample += per_sample + looped
     return factor_samples * per_sample + pairs * (sum(layout.pair_flops.values()) + jacobian_pair_flops(mode, o, fallback))
 
 

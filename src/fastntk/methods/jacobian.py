@@ -14,6 +14,7 @@ from .._gemm import mm
 from .._inputs import Batch
 from .._modes import Mode
 from .base import KernelMethod
+from .per_sample import vmapped_or_looped
 
 
 def jacobian_bytes(f: FunctionalModel, num_outputs: int, names: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def jacobian_bytes(f: FunctionalModel, num_outputs: int, names: list[str] | None
 
 def per_sample_jacobians(f: FunctionalModel, x: Batch, chunk_size: int | None = None) -> Params:
     """∂f(θ, x_n)/∂θ for every sample: a dict name -> (N, O, *parameter shape)."""
-    return vmap(jacrev(f.single), in_dims=(None, 0), chunk_size=chunk_size)(f.primals, x)
+    return vmapped_or_looped(f, x, lambda: vmap(jacrev(f.single), in_dims=(None, 0), chunk_size=chunk_size)(f.primals, x))
 
 
 def flat_jacobian(j: torch.Tensor) -> torch.Tensor:

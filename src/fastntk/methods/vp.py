@@ -23,6 +23,7 @@ from .._inputs import Batch, batch_size
 from .._process import FORWARD_AD, Shared, flag
 from .base import KernelMethod
 from .jacobian import jacobian_bytes, per_sample_jacobians
+from .per_sample import or_on_composite_kernels
 
 
 SAMPLE_EVALUATIONS = 2048
@@ -53,7 +54,7 @@ class VPMethod(KernelMethod):
         chunk = self.vmap_chunk or max(1, SAMPLE_EVALUATIONS // batch_size(left))
         with fast_matmuls(), forward_mode_kernels():  # the model's passes: through the dispatch mode
             try:
-                products = vmap(push, chunk_size=chunk)(tangents)  # K[n, m, a, b] at [m·O + b, n, a]
+                products = or_on_composite_kernels(lambda: vmap(push, chunk_size=chunk)(tangents))  # K[n, m, a, b] at [m·O + b, n, a]
             except NotImplementedError as exc:
                 raise ModelError(
                     f"method='vp' needs forward-mode AD, which an operation of this model lacks ({str(exc).splitlines()[0]}); "

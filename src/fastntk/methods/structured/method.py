@@ -341,7 +341,9 @@ class StructuredMethod(KernelMethod):
         """The structured groups' factors plus the fallback parameters' per-sample Jacobians on x."""
         factors = {group: f for group, f in factors.items() if group in self.groups}
         if self.fallback:
-            jacobians = per_sample_jacobians(self.f.restrict(self.fallback), x, self.vmap_chunk)
+            restricted = self.f.restrict(self.fallback)
+            jacobians = per_sample_jacobians(restricted, x, self.vmap_chunk)
+            self.f.batchable = restricted.batchable  # False once vmap failed: later blocks loop at once
             factors.update({(name,): JacobianFactor(flat_jacobian(j)) for name, j in jacobians.items()})
         return factors
 
