@@ -72,3 +72,32 @@ def test_forward_mode_of_an_embedding_lookup_equals_its_reverse_mode(call: str) 
     assert torch.equal(out, lookup(weight))  # values unchanged
     # <cotangent, J tangent> = <Jᵀ cotangent, tangent>: both modes see the same J
     assert torch.allclose((cotangent * forward).sum(), (backward * tangent).sum(), rtol=1e-12, atol=0)
+
+
+def weight_normed() -> nn.Module:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    return nn.Sequential(weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def test_a_model_without_forward_mode_rules_is_unsupported_by_vp_naming_the_op() -> None:
+    from fastntk._functional import FunctionalModel
+    from fastntk.methods.vp import VPMethod
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    reason = VPMethod(FunctionalModel.build(weight_normed()), "full", 2).unsupported(x)
+    assert reason is not None and "_weight_norm" in reason
+    assert VPMethod(FunctionalModel.build(TiedPaddedLM()), "full", 9).unsupported(padded_ids(2, 0)) is None
+
+
+def test_auto_never_chooses_a_method_that_cannot_compute_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    # regression: auto chose vp for weight_norm models (cheapest estimate), then vp refused
+    import importlib
+
+    plan_module = importlib.import_module("fastntk.plan")
+
+    model, x = weight_normed(), torch.randn(3, 3, dtype=torch.float64)
+    monkeypatch.setattr(plan_module, "estimate", lambda method, *a: 0.0 if method.name == "vp" else 1.0)
+    plan = fastntk.plan(model, x)
+    assert plan.chosen != "vp" and "vp" in plan.unusable and "vp cannot be used" in str(plan)
+    assert_kernel_close(fastntk.ntk(model, x), fastntk.reference_ntk(model, x), torch.float64)

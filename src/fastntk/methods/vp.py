@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from .._errors import ModelError
 from .._functional import Params
 from .._gemm import fast_matmuls
-from .._inputs import Batch, batch_size
+from .._inputs import Batch, batch_size, take
 from .base import KernelMethod
 from .jacobian import jacobian_bytes, per_sample_jacobians
 
@@ -46,6 +46,17 @@ class VPMethod(KernelMethod):
 
     def left(self, x: Batch) -> Batch:
         return x
+
+    def unsupported(self, x: Batch) -> str | None:
+        """Why forward mode cannot differentiate the model (an op without a forward-mode
+        rule, e.g. weight_norm or EmbeddingBag), found by one pass on the first sample."""
+        f, sample = self.f, take(x, 0, 1)
+        with forward_mode_kernels():
+            try:
+                jvp(lambda p: f(p, sample), (f.primals,), (f.primals,))
+            except NotImplementedError as exc:
+                return f"forward-mode AD is missing for an operation of this model ({str(exc).splitlines()[0]})"
+        return None
 
     def right(self, x: Batch) -> Params:
         return per_sample_jacobians(self.f, x, self.vmap_chunk)
