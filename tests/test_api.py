@@ -223,12 +223,14 @@ def test_chunk_sizes_with_ragged_blocks_equal_the_unchunked_kernel(mode: str, me
 @pytest.mark.parametrize("method", [*METHODS, "auto"])
 @pytest.mark.parametrize("gram", [True, False], ids=["x2-none", "x2-given"])
 def test_tiny_memory_budget_equals_the_default(method: str, gram: bool) -> None:
-    """memory_budget=1 byte: one-sample blocks and no cached factors, same kernel."""
+    """The smallest budget (one sample's factors per side): one-sample blocks and no cached factors, same kernel."""
     model = mlp()
     x1 = vectors(5)
     x2 = None if gram else vectors(4, seed=2)
     default = fastntk.ntk(model, x1, x2, method=method)
-    tiny = fastntk.ntk(model, x1, x2, method=method, memory_budget=1)
+    plan = fastntk.plan(model, x1, x2)
+    smallest = 2 * plan.bytes_per_sample[plan.chosen if method == "auto" else method]
+    tiny = fastntk.ntk(model, x1, x2, method=method, memory_budget=smallest)
     assert_rel_close(tiny, default, RTOL[torch.float64])
     assert_rel_close(default, fastntk.reference_ntk(model, x1, x2), RTOL[torch.float64])
 

@@ -365,3 +365,74 @@ def test_refused_custom_model_is_not_modified_and_keeps_its_grads() -> None:
         assert torch.equal(p.grad, grads[name]), name
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+# --------------------------------------------------------------------------- inputs written to
+
+
+class ScalesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("method", ["jacobian", "vp", "structured", "auto"])
+def test_a_model_writing_to_its_input_is_refused_naming_it_and_leaves_the_inputs_alone(method: str) -> None:
+    # regression: refused as "draws random numbers", and the caller's x1 was doubled
+    seeded(0)
+    x1, x2 = torch.randn(4, 3), torch.randn(3, 3)
+    before1, before2 = x1.clone(), x2.clone()
+    with pytest.raises(fastntk.ModelError, match=r"modifies its input in place.*x = x \* 2.*x\.clone\(\)"):
+        fastntk.ntk(ScalesItsInput(), x1, x2, method=method)
+    assert torch.equal(x1, before1) and torch.equal(x2, before2)
+    assert x1._version == 0 and x2._version == 0
+
+
+# --------------------------------------------------------------------------- the memory budget
+
+
+def wide_output_mlp() -> nn.Sequential:
+    """O = 40 outputs from a narrow layer: the structured factors are far smaller than J."""
+    seeded(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 40)).double()
+
+
+@pytest.mark.parametrize("method", ["jacobian", "vp"])
+def test_a_budget_below_one_sample_is_refused_before_any_work(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # regression: memory_budget=1 MiB with O=5000 peaked at gigabytes without a word
+    from fastntk.methods import jacobian, vp
+
+    def no_factors(*_):  # noqa: ANN002, ANN202
+        raise AssertionError("factors computed although the budget cannot hold them")
+
+    monkeypatch.setattr(jacobian, "per_sample_jacobians", no_factors)
+    monkeypatch.setattr(vp, "per_sample_jacobians", no_factors)
+    model, x = wide_output_mlp(), torch.randn(4, 3, dtype=torch.float64)
+    need = 2 * fastntk.plan(model, x).bytes_per_sample[method]
+    with pytest.raises(fastntk.OptionError, match=rf"method '{method}' keeps.*O=40 outputs.*memory_budget={need} or more"):
+        fastntk.ntk(model, x, method=method, memory_budget=need - 1)
+
+
+def test_a_budget_given_with_chunk_size_does_not_refuse() -> None:
+    """chunk_size sets the blocks by hand: the budget then only decides what is cached."""
+    model, x = wide_output_mlp(), torch.randn(4, 3, dtype=torch.float64)
+    kernel = fastntk.ntk(model, x, method="jacobian", memory_budget=1, chunk_size=1)
+    assert_rel_close(kernel, fastntk.reference_ntk(model, x), RTOL64)
+
+
+def test_auto_chooses_a_method_that_keeps_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    plan_module = importlib.import_module("fastntk.plan")
+    model, x = wide_output_mlp(), torch.randn(4, 3, dtype=torch.float64)
+    sizes = fastntk.plan(model, x).bytes_per_sample
+    budget = 2 * sizes["structured"]
+    assert budget < 2 * min(sizes["jacobian"], sizes["vp"])
+    monkeypatch.setattr(plan_module, "estimate", lambda method, *a: 1.0 if method.name == "structured" else 0.0)
+    plan = fastntk.plan(model, x, memory_budget=budget)
+    assert plan.chosen == "structured" and {"jacobian", "vp"} <= plan.unusable.keys()
+    assert_rel_close(fastntk.ntk(model, x, memory_budget=budget), fastntk.reference_ntk(model, x), RTOL64)

@@ -261,12 +261,25 @@ def test_nan_in_a_parameter_names_the_parameter() -> None:
 
 
 def test_inf_in_a_buffer_names_the_buffer() -> None:
-    """Parameters and buffers are checked once the kernel turns out non-finite (free otherwise)."""
+    """Parameters and buffers are checked before any work (one reduction when all are finite)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
     model[1].running_mean[2] = float("inf")
     with pytest.raises(fastntk.NonFiniteError, match="'1.running_mean'"):
         fastntk.ntk(model, vectors(4))
+
+
+@pytest.mark.parametrize("method", ["jacobian", "vp", "structured", "auto"])
+def test_inf_in_a_parameter_is_refused_by_every_method_before_any_work(method: str) -> None:
+    # regression: vp refused, while jacobian, structured and auto returned a finite kernel
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 1] = float("inf")
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(fastntk.NonFiniteError, match="parameter '2.weight' contains NaN or inf") as info:
+        fastntk.ntk(model, vectors(4), vectors(3, seed=2), method=method)
+    assert info.value.kernel is None and not calls  # refused before the model ran
 
 
 def test_nan_in_a_parameter_is_not_checked_when_check_is_false() -> None:
@@ -374,3 +387,14 @@ def test_same_batch_means_same_memory_and_shapes() -> None:
     assert not same_batch(take(x, 0, 4), take(x, 1, 5))  # other memory
     assert not same_batch(take(x, 0, 4), {k: v[:4].clone() for k, v in x.items()})  # equal values, other memory
     assert not same_batch(x["a"], (x["a"],))  # other structure
+
+
+# --------------------------------------------------------------------------- the meta device
+
+
+def test_a_model_on_the_meta_device_is_refused_at_once() -> None:
+    """Inputs on meta for a model elsewhere get the device mismatch (tests above)."""
+    # regression: a raw "Tensor.item() cannot be called on meta tensors" after seconds
+    model = nn.Linear(3, 2, device="meta")
+    with pytest.raises(fastntk.ModelError, match="meta device.*to_empty"):
+        fastntk.ntk(model, torch.randn(2, 3, device="meta"))

@@ -87,10 +87,11 @@ class NTKFunction:
             x2 = None if x2 is None else cast_floating(x2, f.dtype)
             spec = describe(x1, "x1")
         check_fits_model(spec, "x1", f.device, f.dtype)
-        if self.check:
+        if self.check:  # before any work: every method refuses the same way
             check_finite(x1, "x1")
             if x2 is not None:
                 check_finite(x2, "x2")
+            f.check_finite_params()
         available = min(PROBE, batch_size(x1) + (0 if x2 is None else batch_size(x2)))
         if spec not in self._probed or self._probed[spec][1] < available:
             self._probed[spec] = check_per_sample(f, x1, x2, PROBE)
@@ -157,11 +158,6 @@ class NTKFunction:
         if self.mean:
             kernel = kernel / num_outputs
         if self.check and not all_finite(kernel):
-            try:
-                f.check_finite_params()  # checked only now: a cost on every call otherwise
-            except NonFiniteError as exc:
-                exc.kernel = kernel
-                raise
             check_finite_result(kernel, gram=x2 is None)
         return kernel
 

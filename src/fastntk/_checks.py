@@ -7,7 +7,7 @@ from torch import nn
 
 from ._errors import ModelError
 from ._functional import FunctionalModel
-from ._inputs import Batch, batch_size, first_samples, take
+from ._inputs import Batch, batch_size, first_samples, leaves, map_leaves, take
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -53,13 +53,14 @@ def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int
     The model must be deterministic and give each sample the output it gives it alone.
 
     Raises:
-        ModelError: the model fails, is random, or mixes samples of a batch.
+        ModelError: the model fails, writes to its inputs, is random, or mixes samples of a batch.
     """
-    x = first_samples(x1, x2, probe)
+    x = map_leaves(torch.clone, first_samples(x1, x2, probe))  # a copy: the model may write to it
     n = batch_size(x)
     with torch.no_grad(), torch.random.fork_rng(devices=[f.device] if f.device.type == "cuda" else []):
         try:
             together = f(f.primals, x)
+            check_inputs_unchanged(x)
             again = f(f.primals, x)
             alone = torch.cat([f(f.primals, take(x, i, i + 1)) for i in range(n)])
         except ModelError:
@@ -83,3 +84,16 @@ def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int
             "mode (model.eval()) or make them per-sample"
         )
     return together.shape[1], n
+
+
+def check_inputs_unchanged(x: Batch) -> None:
+    """Raise ModelError if the model wrote to the tensors of the batch x it was just called on
+    (their version counters moved): every method calls it many times on the same inputs, and
+    they are the caller's tensors (the probe runs on a copy, so those are left as they were)."""
+    for i, leaf in enumerate(leaves(x)):
+        if leaf._version:
+            raise ModelError(
+                f"the model modifies its input in place (leaf {i}; e.g. x.mul_(2), x += 1 or x[...] = v in forward): "
+                "fastntk calls the model many times on the caller's tensors, which would be changed and give each call "
+                "other inputs; write that operation out of place (x = x * 2) or copy the input first (x = x.clone())"
+            )

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ._errors import OptionError
 from ._inputs import Batch, batch_size, first_samples, take
 from ._modes import block_shape, transpose_block
 from .methods.base import KernelMethod
@@ -24,6 +25,21 @@ def ranges(n: int, size: int) -> list[tuple[int, int]]:
 def block_size_for(method: KernelMethod, budget: int = DEFAULT_MEMORY_BUDGET) -> int:
     """Samples per block so that a left and a right block of factors fit ``budget`` bytes."""
     return max(1, budget // (2 * max(1, method.bytes_per_sample())))
+
+
+def over_budget(method: KernelMethod, budget: int) -> str | None:
+    """Why ``method`` cannot keep within ``budget`` bytes (None: it can). Blocks shrink to one
+    sample, no further: a left and a right factor of one sample each must fit."""
+    need = 2 * method.bytes_per_sample()
+    if need <= budget:
+        return None
+    return (
+        f"method {method.name!r} keeps {need / 2**20:,.1f} MiB of factors for one sample of each side "
+        f"(O={method.num_outputs} outputs, P={method.f.num_params:,} parameters), more than memory_budget="
+        f"{budget / 2**20:,.1f} MiB; pass memory_budget={need} or more, differentiate fewer parameters (params=), "
+        "choose a method that needs less (fastntk.plan lists MiB/sample), or give chunk_size (blocks set by hand, "
+        "the budget then does not bound them)"
+    )
 
 
 MIN_SYMMETRIC_BLOCK = 64
@@ -92,6 +108,8 @@ def compute_kernel(
         block: samples per block; None derives it from ``budget``.
         budget: bytes the live factors may take; the factors of every x2 block are
             cached when they fit beside one x1 block, else recomputed per block row.
+            Without ``block``, a method whose factors of one sample per side exceed it is
+            refused (OptionError) before any block is computed.
         progress: show a progress bar over blocks (after two seconds).
 
     Returns:
@@ -101,11 +119,16 @@ def compute_kernel(
     other = x1 if symmetric else x2
     n1, n2 = batch_size(x1), batch_size(other)
     f = method.f
-    out = torch.empty(block_shape(method.mode, n1, n2, method.num_outputs), device=f.device, dtype=f.dtype)
-    if method.calibration is None:
+    given = block is not None
+    if method.calibration is None:  # the structured method learns its factor sizes on one or two samples
         block = calibrate_on_first_block(method, x1, x2, block, budget)
     elif block is None and method.kept is not None:  # calibrated by the plan on its first block
         block = batch_size(method.kept[0])
+    reason = None if given else over_budget(method, budget)
+    if reason is not None:
+        method.kept = None
+        raise OptionError(reason)
+    out = torch.empty(block_shape(method.mode, n1, n2, method.num_outputs), device=f.device, dtype=f.dtype)
     block = block or default_block(method, budget, n1, symmetric)
     pairs = list(block_pairs(n1, n2, block, symmetric))
     shared = symmetric and method.symmetric_factors  # a block's left factors serve as its right ones

@@ -105,6 +105,11 @@ def model_device_dtype(model: nn.Module, dtype: torch.dtype | None) -> tuple[tor
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ModelError(f"the model's tensors are on several devices {sorted(map(str, devices))}: move the whole model to one device")
+    if any(device.type == "meta" for device in devices):
+        raise ModelError(
+            "the model's tensors are on the meta device, which holds shapes but no values, so there is no kernel to "
+            "compute: materialize it first (e.g. model.to_empty(device='cpu'), then load or initialize its weights)"
+        )
     floating = {t.dtype for t in tensors if t.is_floating_point()}
     if dtype is None:
         if len(floating) > 1:
@@ -162,11 +167,23 @@ class FunctionalModel:
         return FunctionalModel(self.module, kept, {**self.constants, **held}, self.device, self.dtype, self.batchable)
 
     def check_finite_params(self) -> None:
-        """Raise NonFiniteError naming the first parameter or buffer holding NaN or inf."""
-        for kind, tensors in (("parameter", self.primals), ("parameter/buffer", self.constants)):
-            for name, t in tensors.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise NonFiniteError(f"{kind} {name!r} contains NaN or inf: fix the model's weights first")
+        """Raise NonFiniteError naming the first parameter or buffer holding NaN or inf.
+
+        One sum per tensor and one synchronisation when all are finite (a finite total proves
+        it: any NaN or inf makes it NaN or inf); only a total that is not finite, by overflow
+        or a bad entry, is followed by the tensor-by-tensor test that names the culprit.
+        """
+        named = [
+            (kind, name, t)
+            for kind, tensors in (("parameter", self.primals), ("parameter/buffer", self.constants))
+            for name, t in tensors.items()
+            if t.is_floating_point()
+        ]
+        if not named or bool(torch.isfinite(torch.stack([t.sum() for _, _, t in named]).sum())):
+            return
+        for kind, name, t in named:
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{kind} {name!r} contains NaN or inf: fix the model's weights first")
 
     def __call__(self, primals: Params, x: Batch) -> torch.Tensor:
         """Outputs (N, O) of the batch x with parameters ``primals``."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._engine import calibrate_on_first_block, default_block
+from ._engine import calibrate_on_first_block, default_block, over_budget
 from ._functional import FunctionalModel
 from ._inputs import Batch, batch_size
 from ._modes import Mode
@@ -63,6 +63,8 @@ class Plan:
     bytes_per_sample: dict[str, int]
     groups: list[GroupCost] = field(default_factory=list)
     chosen: str = "structured"
+    unusable: dict[str, str] = field(default_factory=dict)
+    """Methods "auto" may not choose, with the reason (no forward-mode rule, over the memory budget)."""
 
     def __str__(self) -> str:
         pairs = f"{self.n1}x{self.n1 if self.n2 is None else self.n2}{' (Gram)' if self.n2 is None else ''}"
@@ -74,6 +76,7 @@ class Plan:
         for name, flops in sorted(self.flops.items(), key=lambda kv: kv[1]):
             mark = "  <- chosen" if name == self.chosen else ""
             lines.append(f"{name:<12}{flops / 1e9:>12.3f}{self.bytes_per_sample[name] / 2**20:>12.2f}{mark}")
+        lines += [f"{name} cannot be used: {reason}" for name, reason in self.unusable.items()]
         if self.groups:
             lines.append("structured method, contraction per parameter group (GFLOP):")
             for g in self.groups:
@@ -136,8 +139,13 @@ def make_plan(
         GroupCost((name,), "fallback", pairs * jacobian_pair_flops(mode, num_outputs, f.primals[name].numel()))
         for name in layout.fallback
     ]
+    unusable = {name: reason for name, m in methods.items() if (reason := m.unsupported(x1))}
+    over = {name: reason for name, m in methods.items() if block is None and (reason := over_budget(m, budget))}
+    if len(unusable.keys() | over.keys()) < len(methods):  # else the cheapest one says what it needs
+        unusable.update(over)
+    usable = [name for name in flops if name not in unusable]
     plan = Plan(
         n1, n2, num_outputs, f.num_params, mode, fp, flops,
-        {name: m.bytes_per_sample() for name, m in methods.items()}, groups, min(flops, key=flops.get),
+        {name: m.bytes_per_sample() for name, m in methods.items()}, groups, min(usable, key=flops.get), unusable,
     )
     return plan, methods

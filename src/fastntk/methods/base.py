@@ -36,6 +36,10 @@ class KernelMethod(ABC):
         self.num_outputs = num_outputs
         self.vmap_chunk = vmap_chunk
 
+    def unsupported(self, x: Batch) -> str | None:
+        """Why this method cannot compute the model on samples like x (None: it can)."""
+        return None
+
     def estimate_size(self, x: Batch) -> None:
         """Look at a few samples before blocks are sized, when ``bytes_per_sample`` needs it."""
 

@@ -6,20 +6,29 @@ product), giving K[:, m, :, b]. Cost about N2·O·(N1 forward-mode passes); memo
 per sample of an x2 block, none for x1. trace and diagonal keep only the needed
 entries of each product (memory N1·N2 and N1·N2·O instead of N1·N2·O²) but need the
 same products: forward mode yields all outputs of x1 at once.
+
+Forward mode must differentiate the same function reverse mode does: PyTorch's embedding
+backward gives the padding row (``padding_idx``) no gradient from lookups, while its
+forward-mode rule reads that row's tangent. The forward passes here hold the looked-up
+padding rows constant (:class:`PaddingRowsHeld`), so the padding row's columns of J are
+what autograd's are: only its other uses (e.g. a tied output projection) count.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import inspect
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch.func import jvp, vmap
+from torch.overrides import TorchFunctionMode
 
 from .._errors import ModelError
 from .._functional import Params
 from .._gemm import fast_matmuls
-from .._inputs import Batch, batch_size
+from .._inputs import Batch, batch_size, take
 from .._process import FORWARD_AD, Shared, flag
 from .base import KernelMethod
 from .jacobian import jacobian_bytes, per_sample_jacobians
@@ -39,6 +48,17 @@ class VPMethod(KernelMethod):
 
     def left(self, x: Batch) -> Batch:
         return x
+
+    def unsupported(self, x: Batch) -> str | None:
+        """Why forward mode cannot differentiate the model (an op without a forward-mode
+        rule, e.g. weight_norm or EmbeddingBag), found by one pass on the first sample."""
+        f, sample = self.f, take(x, 0, 1)
+        with forward_mode_kernels():
+            try:
+                jvp(lambda p: f(p, sample), (f.primals,), (f.primals,))
+            except NotImplementedError as exc:
+                return f"forward-mode AD is missing for an operation of this model ({str(exc).splitlines()[0]})"
+        return None
 
     def right(self, x: Batch) -> Params:
         return per_sample_jacobians(self.f, x, self.vmap_chunk)
@@ -102,4 +122,35 @@ def forward_mode_kernels() -> Iterator[None]:
     with FORWARD_AD, contextlib.ExitStack() as stack:
         for shared in FUSED_KERNEL_FLAGS:
             stack.enter_context(shared.scope())
+        stack.enter_context(PaddingRowsHeld())
         yield
+
+
+_EMBEDDING_SIGNATURES: dict[Callable[..., Any], inspect.Signature] = {
+    F.embedding: inspect.signature(F.embedding),
+    torch.embedding: inspect.Signature([  # aten's order; padding_idx -1 means none
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+        for name, default in (("weight", inspect.Parameter.empty), ("input", inspect.Parameter.empty),
+                              ("padding_idx", -1), ("scale_grad_by_freq", False), ("sparse", False))
+    ]),
+}
+
+
+class PaddingRowsHeld(TorchFunctionMode):
+    """Embedding lookups of the padding row carry no tangent, as they carry no gradient in
+    reverse mode (the values are unchanged: only forward mode sees the difference)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        signature = _EMBEDDING_SIGNATURES.get(func)
+        if signature is None:
+            return out
+        call = signature.bind(*args, **kwargs).arguments
+        padding_idx, weight, indices = call.get("padding_idx", -1 if func is torch.embedding else None), call["weight"], call["input"]
+        if padding_idx is None or (func is torch.embedding and padding_idx == -1):
+            return out
+        if padding_idx < 0:  # F.embedding counts a negative index from the end
+            padding_idx += weight.shape[0]
+        padded = (indices == padding_idx).unsqueeze(-1)
+        return torch.where(padded, out.detach(), out)

@@ -431,7 +431,7 @@ def choose(problem: Problem, block_size: int | None, working: int) -> dict[str, 
         flops = {
             n: estimate(m, problem.n1, None if problem.symmetric else problem.n2, plan.forward_flops, working) for n, m in methods.items()
         }
-        name = min(flops, key=flops.get)  # type: ignore[arg-type]
+        name = min((n for n in flops if n not in plan.unusable), key=flops.get)  # type: ignore[arg-type]
         log.info("method auto: estimated GFLOP %s -> %s", {n: round(v / 1e9, 3) for n, v in flops.items()}, name)
     kernel = build_method(problem, name)
     # The largest block that fits: what a block's working set holds (its row factors) is what
