@@ -11,6 +11,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -210,6 +211,33 @@ class RowsPairFactor:
         if mode != "trace":  # contracted in its formed shape
             return pair_contraction_flops(mode, 1, d, self.rows.shape[0], e)
         return 2.0 * (d + e)
+
+
+@dataclass(frozen=True)
+class FactorShape:
+    """What the cost model needs of a factor, from shapes alone: "jacobian" of ``size``
+    parameters, or "pair" with keys of ``size`` (1 for indices) at ``positions`` positions
+    and cotangents of ``e`` numbers per position."""
+
+    kind: Literal["jacobian", "pair"]
+    size: int
+    positions: int = 1
+    e: int = 0
+    key_kind: Literal["dot", "index"] = "dot"
+    plus_one: bool = False
+
+    def pair_flops(self, mode: Mode, num_outputs: int) -> float:
+        """FLOPs of contracting one pair of samples (as the factor's ``pair_flops``)."""
+        if self.kind == "jacobian":
+            return jacobian_pair_flops(mode, num_outputs, self.size)
+        return pair_contraction_flops(mode, self.positions, self.size, num_outputs, self.e)
+
+    def merge(self, other: "FactorShape") -> "FactorShape | None":
+        """Two uses of one group (as ``merge``: Jacobians add, positions concatenate), or None
+        where they cannot be combined."""
+        if dataclasses.replace(self, positions=other.positions) != other:
+            return None
+        return self if self.kind == "jacobian" else dataclasses.replace(self, positions=self.positions + other.positions)
 
 
 def as_pair(factor: "Factor") -> "Factor":

@@ -14,6 +14,7 @@ import dataclasses
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
@@ -27,10 +28,11 @@ from ..jacobian import contract_jacobian_pair, flat_jacobian, jacobian_bytes, pe
 from .capture import Capture, Use, capture, per_output_cotangents, samples_of, shape_of
 from .chain import RowsCotangents, chain_cotangent_chunks, compact_uses
 from .check import failed_groups
-from .factors import Factor, JacobianFactor, PairFactor, RowsPairFactor, as_pair
+from .factors import Factor, FactorShape, JacobianFactor, PairFactor, RowsPairFactor, as_pair
 from .rules.base import Roles
 
 Factors = dict[tuple[str, ...], Factor]
+T = TypeVar("T")
 
 
 def mergeable(a: Factor, b: Factor) -> bool:
@@ -195,47 +197,39 @@ class StructuredMethod(KernelMethod):
         if observed.chain is not None and self.chain_allowed and self.compact_rows and compact_uses(observed.chain):
             factors, conflicts = self.factors_of(observed, chunk=o, chain=True)
             total = sum(f.nbytes() for f in factors.values())
+            costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in factors.items()}
         else:
             total = sum(  # for all n samples
                 use.rule.factor_bytes(use.saved, use.output, part, sizes, self.mode, o)
                 for use, roles in zip(observed.uses, roles_by_use(observed.uses))
                 for part in roles
             )
-            factors, conflicts = self.shape_factors(observed)
+            shapes, conflicts = merge_uses(
+                [
+                    {g: shape for part in roles for g, shape in use.rule.factor_shapes(use.saved, use.output, part, sizes, self.mode, o).items()}
+                    for use, roles in zip(observed.uses, roles_by_use(observed.uses))
+                ],
+                FactorShape.merge,
+            )
+            costs = {group: (shape.kind, shape.pair_flops(self.mode, o)) for group, shape in shapes.items()}
         fallback = sorted(observed.unstructured & set(self.f.primals))
         self.size_estimate = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
         self.probed_chain = observed.chain is not None
-        structured, fallback_names = split_fallback(factors, observed.unstructured | conflicts)
+        structured, fallback_names = split_fallback(costs, observed.unstructured | conflicts)
         self.estimated = self.layout_of(observed, structured, fallback_names, self.size_estimate, None, observed.chain is not None)
 
-    def shape_factors(self, observed: Capture) -> tuple[Factors, set[str]]:
-        """The factors of a captured block as meta tensors (their shapes and kinds, no values),
-        merged over uses as calibration would; a use whose rule cannot run on shapes is
-        counted as per-sample Jacobians of its groups."""
-        n, o = observed.outputs.shape
-        per_use: list[Factors] = []
-        for use, roles in zip(observed.uses, roles_by_use(observed.uses)):
-            saved = {key: t.to("meta") if isinstance(t, torch.Tensor) else t for key, t in use.saved.items()}
-            cotangents = torch.empty((n, o, *use.output.shape[1:]), dtype=use.output.dtype, device="meta")
-            try:
-                per_use.append(self.use_factors(dataclasses.replace(use, saved=saved), cotangents, roles, o))
-            except Exception:  # noqa: BLE001 (an op without a meta kernel, a rule reading values)
-                per_use.append({
-                    group: JacobianFactor(torch.empty((n, o, sum(self.f.primals[p].numel() for p in group)), dtype=use.output.dtype, device="meta"))
-                    for part in roles for group in use.rule.groups(part)
-                })
-        return merge_uses(per_use)
-
-    def layout_of(self, observed: Capture, structured: Factors, fallback: set[str], bytes_: int, batched: bool | None, chain: bool) -> Layout:
-        """The layout of a captured block whose structured groups have these factors."""
+    def layout_of(
+        self, observed: Capture, costs: dict[tuple[str, ...], tuple[str, float]], fallback: set[str], bytes_: int, batched: bool | None, chain: bool
+    ) -> Layout:
+        """The layout of a captured block whose structured groups have these kinds and pair FLOPs."""
         n = observed.outputs.shape[0]
         names = set(observed.primals)
         return Layout(
-            frozenset(structured),
+            frozenset(costs),
             tuple(sorted(fallback & names)),
             bytes_,
-            {group: f.pair_flops(self.mode) for group, f in structured.items()},
-            {group: "jacobian" if isinstance(f, JacobianFactor) else "pair" for group, f in structured.items()},
+            {group: flops for group, (_, flops) in costs.items()},
+            {group: kind for group, (kind, _) in costs.items()},
             observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & names),
             batched,
             direction_bytes(observed),
@@ -309,7 +303,8 @@ class StructuredMethod(KernelMethod):
         # kept: the factors (streamed or not); transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
         bytes_ = sum(streamed_bytes.get(g, f.nbytes()) for g, f in structured.items()) // n + per_direction
         bytes_ += jacobian_bytes(self.f, o, fallback_names)
-        self.calibration = self.layout_of(observed, structured, fallback, bytes_, batched, chain)
+        costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in structured.items()}
+        self.calibration = self.layout_of(observed, costs, fallback, bytes_, batched, chain)
         self.kept = None
         if keep and streamed is None:
             self.kept = (x, structured)
@@ -523,7 +518,7 @@ def roles_by_use(uses: list[Use]) -> list[list[Roles]]:
     return [[{role: name} for role, name in use.roles.items()] if shared & set(use.roles.values()) else [use.roles] for use in uses]
 
 
-def split_fallback(factors: Factors, fallback: set[str]) -> tuple[Factors, set[str]]:
+def split_fallback(factors: dict[tuple[str, ...], T], fallback: set[str]) -> tuple[dict[tuple[str, ...], T], set[str]]:
     """The groups free of fallback parameters, and the fallback grown by the other groups'
     parameters: a group is structured whole or not at all."""
     fallback = set(fallback)
@@ -538,20 +533,33 @@ def stack_outputs(parts: list[Factors]) -> Factors:
     return {group: type(factor).stack_outputs([p[group] for p in parts]) for group, factor in parts[0].items()}
 
 
-def merge_uses(per_use: list[Factors]) -> tuple[Factors, set[str]]:
-    """Combine the uses' factors group by group; groups that cannot be combined are dropped
-    and their parameters returned (they go to the Jacobian fallback)."""
-    merged: Factors = {}
+def merge_factors(a: Factor, b: Factor) -> Factor | None:
+    """Two uses' factors of one group combined exactly, or None where they cannot be."""
+    return as_pair(a).merge(as_pair(b)) if mergeable(a, b) else None  # type: ignore[union-attr, arg-type]
+
+
+def merge_uses(per_use: list[dict[tuple[str, ...], T]], combine: Callable[[T, T], T | None] = merge_factors) -> tuple[dict[tuple[str, ...], T], set[str]]:  # type: ignore[assignment]
+    """Combine the uses' factors (or their shapes) group by group; groups that cannot be
+    combined (``combine`` gives None) are dropped and their parameters returned (they go to
+    the Jacobian fallback)."""
+    merged: dict[tuple[str, ...], T] = {}
     conflicts: set[str] = set()
     for factors in per_use:
         for group, factor in factors.items():
             if group not in merged:
                 merged[group] = factor
-            elif mergeable(merged[group], factor):
-                merged[group] = as_pair(merged[group]).merge(as_pair(factor))  # type: ignore[union-attr, arg-type]
-            else:
+                continue
+            combined = combine(merged[group], factor)
+            if combined is None:
                 conflicts.update(group)
+            else:
+                merged[group] = combined
     return {group: f for group, f in merged.items() if not conflicts & set(group)}, conflicts
+
+
+def kind_of(factor: Factor) -> str:
+    """How a factor is contracted: "jacobian" or "pair" (input and cotangent Grams)."""
+    return "jacobian" if isinstance(factor, JacobianFactor) else "pair"
 
 
 def _samples(factors: Factors) -> int:
