@@ -391,8 +391,7 @@ def choose(problem: Problem, block_size: int | None, working: int) -> dict[str, 
     """The plan of a fresh run: the method (auto: cheapest estimate at N1, N2) and the block size."""
     name = problem.fn.method
     if name == "auto":
-        structured = build_method(problem, "structured")
-        plan, methods = make_plan(problem.f, problem.probe1, problem.probe2, problem.fn.mode, problem.num_outputs, working, structured)
+        plan, methods = make_plan(problem.f, problem.probe1, problem.probe2, problem.fn.mode, problem.num_outputs, working)
         flops = {
             n: estimate(m, problem.n1, None if problem.symmetric else problem.n2, plan.forward_flops, working) for n, m in methods.items()
         }
