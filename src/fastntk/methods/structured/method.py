@@ -393,7 +393,7 @@ class StructuredMethod(KernelMethod):
     def block_factors(self, x: Batch, streaming: bool = False) -> tuple[Factors, GramStream | None]:
         """The factors of the block x (with the fallback's), and with ``streaming`` the stream
         that took those it could (see :class:`GramStream`; the factors keep their first samples)."""
-        assert self.calibration is not None
+        assert self.calibration is not None, "calibrate first (the engine's calibrate_on_first_block)"
         heavy = self.calibration.matmul_heavy
         with fast_matmuls(heavy):
             observed = capture_for(self.f, x, self.calibration.clone_outputs, chain=self.calibration.chain)
