@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -48,3 +49,22 @@ def test_fixed_method_is_what_the_plan_reports_and_the_text_lists_all() -> None:
     assert plan.chosen == "vp"
     text = str(plan)
     assert all(name in text for name in ("jacobian", "vp", "structured", "<- chosen"))
+
+
+def test_plan_computes_no_kernel_and_calibrates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan estimates from one forward pass on one sample: no backward pass, no check,
+    no calibration (the engine's first block calibrates the chosen method)."""
+    from fastntk.methods import StructuredMethod
+
+    c = CASES_BY_NAME["tutorial_cnn"]
+    model, x = c.build(), c.draw(6)
+    expected = fastntk.plan(model, x, mode="trace")
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the plan ran a backward pass or a calibration")
+
+    monkeypatch.setattr(torch.autograd, "grad", refuse)
+    monkeypatch.setattr(torch.autograd, "backward", refuse)
+    monkeypatch.setattr(StructuredMethod, "calibrate", refuse)
+    plan = fastntk.plan(model, x, mode="trace")
+    assert plan.flops == expected.flops and plan.chosen == expected.chosen == "structured"

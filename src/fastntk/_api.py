@@ -120,14 +120,14 @@ class NTKFunction:
         structured = self.calibrated("structured", f, num_outputs, spec)
         with kernel_context():
             plan, methods = make_plan(f, x1, x2, self.mode, num_outputs, self.memory_budget, structured, self.chunk_size)
-        self._calibrations[(spec, "structured")] = methods["structured"].calibration
         if self.method != "auto":
             plan.chosen = self.method
         return plan, methods
 
     def kernel_method(self, f: FunctionalModel, num_outputs: int, x1: Batch, x2: Batch | None) -> KernelMethod:
-        """The exact method this call uses (for "auto", chosen once per kind and size of input;
-        when chosen now, the method the plan calibrated, with the factors it already computed)."""
+        """The exact method this call uses (for "auto", chosen once per kind and size of input by
+        the plan's estimates; when chosen now, the method the plan costed, with what it read
+        off the model: the engine calibrates it on its first block)."""
         spec = describe(x1, "x1")
         name = self.method
         if name == "auto":

@@ -55,16 +55,19 @@ def default_block(method: KernelMethod, budget: int, n: int, symmetric: bool) ->
     return block
 
 
-def calibrate_on_first_block(method: KernelMethod, x1: Batch, x2: Batch | None, block: int | None, budget: int) -> int:
+def calibrate_on_first_block(
+    method: KernelMethod, x1: Batch, x2: Batch | None, block: int | None, budget: int, keep: bool = True
+) -> int:
     """Calibrate ``method`` on the block of x1 the engine computes first, and return the block size.
 
-    The method may keep that block's factors (the structured method does), so calibrating
-    costs little beyond them. Without a given ``block``, blocks are sized from the method's
-    bytes per sample before calibrating (for the structured method an estimate from one
-    forward pass), and again after it: should calibration find more (a group sent to the
-    Jacobian fallback), the smaller block wins and the kept factors are dropped. A first
-    block of one sample is too few to calibrate on (the structured check compares samples):
-    then the first two samples are used, x2 topping up.
+    The one entry point of calibration. The method may keep that block's factors (the
+    structured method does, unless ``keep`` is False), so calibrating costs little beyond
+    them. Without a given ``block``, blocks are sized from the method's bytes per sample
+    before calibrating (for the structured method an estimate from one forward pass), and
+    again after it: should calibration find more (a group sent to the Jacobian fallback),
+    the smaller block wins and the kept factors are dropped. A first block of one sample is
+    too few to calibrate on (the structured check compares samples): then the first two
+    samples are used, x2 topping up.
     """
     n1, symmetric = batch_size(x1), x2 is None
     given = block is not None
@@ -75,7 +78,7 @@ def calibrate_on_first_block(method: KernelMethod, x1: Batch, x2: Batch | None, 
     if first < 2:
         method.calibrate(first_samples(x1, x2, 2))
         return block
-    method.calibrate(take(x1, 0, first), keep=True, gram=symmetric and first == n1)
+    method.calibrate(take(x1, 0, first), keep=keep, gram=keep and symmetric and first == n1)
     calibrated = block if given else default_block(method, budget, n1, symmetric)
     if calibrated < block:
         method.kept = None
@@ -122,8 +125,6 @@ def compute_kernel(
     given = block is not None
     if method.calibration is None:  # the structured method learns its factor sizes on one or two samples
         block = calibrate_on_first_block(method, x1, x2, block, budget)
-    elif block is None and method.kept is not None:  # calibrated by the plan on its first block
-        block = batch_size(method.kept[0])
     reason = None if given else over_budget(method, budget)
     if reason is not None:
         method.kept = None

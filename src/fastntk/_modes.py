@@ -26,6 +26,14 @@ def block_shape(mode: Mode, n1: int, n2: int, num_outputs: int) -> tuple[int, ..
     return (n1, n2)
 
 
+def reduce_full(full, mode: Mode):
+    """A full kernel block (N1, N2, O, O) reduced to ``mode``: its output diagonal, summed for trace."""
+    if mode == "full":
+        return full
+    diagonal = full.diagonal(dim1=2, dim2=3)
+    return diagonal if mode == "diagonal" else diagonal.sum(-1)
+
+
 def transpose_block(block, mode: Mode):
     """K(x2, x1) from K(x1, x2): swap the sample axes (and the output axes in full mode)."""
     if mode == "full":

@@ -9,18 +9,20 @@ layer inputs and output cotangents. They differ in the contraction:
   cotangent Gram, or its Jacobian contraction), plus the jacobian cost of fallback parameters
 * vp:         no contraction, but N2·O forward-mode passes over all N1 samples: 3·N1·N2·O·[FP]
 
-[FP] is counted by the structured method's capture (matmuls and convolutions) on its
-calibration block. Factors that do not fit the memory budget beside a block are
-recomputed for every block row, which the model counts.
+[FP] is counted by the structured method's capture (matmuls and convolutions). Nothing here
+computes a kernel or calibrates: the structured method's layout comes from one forward pass
+on one sample (``StructuredMethod.estimate_size``), or from its calibration when an earlier
+call made one. Factors that do not fit the memory budget beside a block are recomputed for
+every block row, which the model counts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._engine import calibrate_on_first_block, default_block, over_budget
+from ._engine import default_block, over_budget
 from ._functional import FunctionalModel
-from ._inputs import Batch, batch_size
+from ._inputs import Batch, batch_size, first_samples
 from ._modes import Mode
 from .methods import METHODS, KernelMethod, StructuredMethod
 from .methods.jacobian import jacobian_pair_flops
@@ -106,8 +108,8 @@ def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: i
         return m * rows * (per_sample + looped) + 3.0 * n1 * m * o * fp
     if method.name == "jacobian":
         return factor_samples * (per_sample + looped) + pairs * jacobian_pair_flops(mode, o, p)
-    assert isinstance(method, StructuredMethod) and method.calibration is not None
-    layout = method.calibration
+    assert isinstance(method, StructuredMethod)
+    layout = method.layout
     fallback = sum(method.f.primals[name].numel() for name in layout.fallback)
     if layout.fallback and looped:  # the fallback's own passes, one sample at a time, beside the batched capture
         per_sample += per_sample + looped
@@ -118,21 +120,25 @@ def make_plan(
     f: FunctionalModel, x1: Batch, x2: Batch | None, mode: Mode, num_outputs: int, budget: int,
     structured: StructuredMethod | None = None, block: int | None = None,
 ) -> tuple[Plan, dict[str, KernelMethod]]:
-    """Cost every exact method and choose; returns the plan and the (calibrated) methods.
+    """Cost every exact method and choose; returns the plan and the methods it costed.
 
-    The structured method is calibrated as the engine would (on its first block of
-    ``block`` samples, derived from ``budget`` when None), so if it is chosen, that block's
-    factors are already computed.
+    Runs no backward pass and computes no kernel: the structured method (``structured``,
+    when given, with its calibration from an earlier call if any) reads its layout off one
+    forward pass on one sample, which the engine reuses to size its blocks. Methods that
+    cannot compute the model, or (``block`` None) whose factors of one sample exceed the
+    ``budget``, are not chosen while another can be.
     """
     methods = {name: cls(f, mode, num_outputs) for name, cls in METHODS.items()}
     if structured is not None:
         methods["structured"] = structured
-    if methods["structured"].calibration is None:
-        calibrate_on_first_block(methods["structured"], x1, x2, block, budget)
-    fp = max(methods["structured"].calibration.forward_flops, float(num_outputs))
+    method = methods["structured"]
+    assert isinstance(method, StructuredMethod)
+    if method.calibration is None:
+        method.estimate_size(first_samples(x1, x2, 1))
+    layout = method.layout
+    fp = max(layout.forward_flops, float(num_outputs))
     n1, n2 = batch_size(x1), None if x2 is None else batch_size(x2)
     flops = {name: estimate(m, n1, n2, fp, budget) for name, m in methods.items()}
-    layout = methods["structured"].calibration
     pairs = sample_pairs(n1, n2)
     groups = [GroupCost(g, layout.kinds[g], pairs * layout.pair_flops[g]) for g in sorted(layout.groups)]
     groups += [

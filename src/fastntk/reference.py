@@ -13,6 +13,7 @@ from torch import nn
 from ._errors import OptionError
 from ._functional import ParamSelection, flatten_output, select_parameters
 from ._inputs import Batch, batch_size, call_model, map_leaves, take
+from ._modes import MODES, reduce_full
 
 
 def reference_jacobian(model: nn.Module, x: Batch, params: ParamSelection = None) -> torch.Tensor:
@@ -45,12 +46,8 @@ def reference_ntk(
     j1 = reference_jacobian(model, x1, params)
     j2 = j1 if x2 is None else reference_jacobian(model, x2, params)
     full = torch.einsum("nap,mbp->nmab", j1, j2)
-    if mode == "full":
-        return full
-    if mode == "diagonal":
-        return torch.diagonal(full, dim1=2, dim2=3)
-    if mode == "trace":
-        return torch.diagonal(full, dim1=2, dim2=3).sum(-1)
+    if mode in MODES:
+        return reduce_full(full, mode)
     if mode == "trace_mean":
         return torch.diagonal(full, dim1=2, dim2=3).mean(-1)
     raise OptionError(f"unknown mode {mode!r}: use 'full', 'trace', 'diagonal' or 'trace_mean'")

@@ -135,6 +135,7 @@ def test_layer_before_the_dense_output_layer_keeps_compact_cotangents_in_trace_m
 
     c = CASES_BY_NAME["mlp"]  # Linear(6,16) ReLU Linear(16,16) ReLU Linear(16,3)
     method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), mode, 3)
+    method.calibrate(c.draw(4, torch.float64))
     factors = method.left(c.draw(4, torch.float64))
     assert isinstance(factors[("2.weight", "2.bias")], RowsPairFactor) is compact
     assert not any(isinstance(f, RowsPairFactor) for group, f in factors.items() if group != ("2.weight", "2.bias"))

@@ -80,6 +80,7 @@ def test_sequence_linear_uses_both_forms() -> None:
     for case, kind in (("sequence_short", PairFactor), ("sequence_long", JacobianFactor)):
         c = CASES_BY_NAME[case]
         method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), "full", 2)
+        method.calibrate(c.draw(2, torch.float64))
         factors = method.left(c.draw(2, torch.float64))
         assert isinstance(factors[("fc.weight", "fc.bias")], kind)
 
@@ -95,6 +96,7 @@ def test_dense_cotangents_sample_major_only_for_trace(mode: str, sample_major: b
     f = FunctionalModel.build(c.build(torch.float32))
     x = c.draw(5, torch.float32)
     method = StructuredMethod(f, mode, num_outputs(f, x))
+    method.calibrate(x)
     dense = [factor for factor in method.left(x).values() if isinstance(factor, PairFactor)]
     assert dense
     for factor in dense:

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from .._api import PROBE, NTKFunction, is_positive_int, kernel_context
-from .._engine import ranges
+from .._engine import DEFAULT_MEMORY_BUDGET, calibrate_on_first_block, ranges
 from .._errors import ModelError, NonFiniteError, OptionError
 from .._functional import FunctionalModel, ParamSelection
 from .._inputs import Batch, all_finite, batch_size, check_finite, first_samples, leaves
@@ -408,8 +408,9 @@ def build_method(problem: Problem, name: str) -> KernelMethod:
     """Method ``name``, bound to the model and calibrated on the first samples (once per call)."""
     if name not in problem.methods:
         kernel = METHODS[name](problem.f, problem.fn.mode, problem.num_outputs)
-        with kernel_context(keep_memory=False):
-            kernel.calibrate(calibration_samples(problem))
+        samples = calibration_samples(problem)
+        with kernel_context(keep_memory=False):  # (the budget goes unused: the block is given)
+            calibrate_on_first_block(kernel, samples, None, batch_size(samples), DEFAULT_MEMORY_BUDGET, keep=False)
         problem.methods[name] = kernel
     return problem.methods[name]
 
@@ -426,8 +427,7 @@ def choose(problem: Problem, block_size: int | None, working: int) -> dict[str, 
     """The plan of a fresh run: the method (auto: cheapest estimate at N1, N2) and the block size."""
     name = problem.fn.method
     if name == "auto":
-        structured = build_method(problem, "structured")
-        plan, methods = make_plan(problem.f, problem.probe1, problem.probe2, problem.fn.mode, problem.num_outputs, working, structured)
+        plan, methods = make_plan(problem.f, problem.probe1, problem.probe2, problem.fn.mode, problem.num_outputs, working)
         flops = {
             n: estimate(m, problem.n1, None if problem.symmetric else problem.n2, plan.forward_flops, working) for n, m in methods.items()
         }

@@ -11,7 +11,7 @@ Two kinds:
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,13 +54,9 @@ class JacobianFactor:
     def contract(self, other: "JacobianFactor", mode: Mode) -> torch.Tensor:
         return contract_jacobian_pair(self.jacobian, other.jacobian, mode)
 
-    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-        """Σ_{n,a} weights[n, a] J[n, a] over the first K samples (weights (K, O)): the gradient
-        these factors imply, per parameter flattened."""
-        jacobian = self.jacobian[: weights.shape[0]]
-        gradient = torch.einsum("na,nap->p", weights, jacobian)
-        starts = [0, *itertools.accumulate(shape.numel() for shape in shapes)]
-        return [gradient.narrow(0, start, stop - start) for start, stop in zip(starts, starts[1:])]  # views one may write
+    def head(self, k: int) -> "JacobianFactor":
+        """The factor of the first k samples."""
+        return JacobianFactor(self.jacobian[:k])
 
     @staticmethod
     def stack_outputs(parts: list["JacobianFactor"]) -> "JacobianFactor":
@@ -140,21 +136,9 @@ class PairFactor:
         o, s, e = self.cotangents.shape[1:]
         return pair_contraction_flops(mode, s, self.keys.shape[-1] if self.kind == "dot" else 1, o, e)
 
-    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-        """The gradient of Σ weights[n, a] f_a(x_n) over the first K samples (weights (K, O))
-        these factors imply: W's (and b's), flattened."""
-        k = weights.shape[0]
-        keys = self.keys[:k]
-        g = torch.einsum("na,nase->nse", weights, self.cotangents[:k])
-        e = g.shape[-1]
-        if self.kind == "index":
-            table = torch.zeros(shapes[0][0], e, dtype=g.dtype, device=g.device)
-            parts = [table.index_add_(0, keys.reshape(-1), g.reshape(-1, e)).reshape(-1)]
-        else:
-            parts = [torch.einsum("nse,nsd->ed", g, keys).reshape(-1)]
-        if self.plus_one:
-            parts.append(g.sum((0, 1)))
-        return parts
+    def head(self, k: int) -> "PairFactor":
+        """The factor of the first k samples."""
+        return PairFactor(self.keys[:k], self.cotangents[:k], self.kind, self.plus_one, self.sample_major)
 
     def contract(self, other: "Factor", mode: Mode) -> torch.Tensor:
         other = as_pair(other)
@@ -208,9 +192,9 @@ class RowsPairFactor:
         product = mm(self.derivative * weights, other.derivative.T)
         return product.mul_(x.reshape(product.shape))
 
-    def gradient(self, weights: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-        k = weights.shape[0]  # only these samples' cotangents are formed
-        return RowsPairFactor(self.keys[:k], self.derivative[:k], self.rows, self.plus_one).materialized().gradient(weights, shapes)
+    def head(self, k: int) -> "RowsPairFactor":
+        """The factor of the first k samples (the rows are common to all)."""
+        return RowsPairFactor(self.keys[:k], self.derivative[:k], self.rows, self.plus_one)
 
     @staticmethod
     def stack_outputs(parts: list["RowsPairFactor"]) -> "RowsPairFactor":
@@ -227,6 +211,33 @@ class RowsPairFactor:
         if mode != "trace":  # contracted in its formed shape
             return pair_contraction_flops(mode, 1, d, self.rows.shape[0], e)
         return 2.0 * (d + e)
+
+
+@dataclass(frozen=True)
+class FactorShape:
+    """What the cost model needs of a factor, from shapes alone: "jacobian" of ``size``
+    parameters, or "pair" with keys of ``size`` (1 for indices) at ``positions`` positions
+    and cotangents of ``e`` numbers per position."""
+
+    kind: Literal["jacobian", "pair"]
+    size: int
+    positions: int = 1
+    e: int = 0
+    key_kind: Literal["dot", "index"] = "dot"
+    plus_one: bool = False
+
+    def pair_flops(self, mode: Mode, num_outputs: int) -> float:
+        """FLOPs of contracting one pair of samples (as the factor's ``pair_flops``)."""
+        if self.kind == "jacobian":
+            return jacobian_pair_flops(mode, num_outputs, self.size)
+        return pair_contraction_flops(mode, self.positions, self.size, num_outputs, self.e)
+
+    def merge(self, other: "FactorShape") -> "FactorShape | None":
+        """Two uses of one group (as ``merge``: Jacobians add, positions concatenate), or None
+        where they cannot be combined."""
+        if dataclasses.replace(self, positions=other.positions) != other:
+            return None
+        return self if self.kind == "jacobian" else dataclasses.replace(self, positions=self.positions + other.positions)
 
 
 def as_pair(factor: "Factor") -> "Factor":

@@ -11,11 +11,12 @@ so every model works and the kernel stays exact.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
-from ..._checks import tolerance
 from ..._gemm import fast_matmuls
 from ..._errors import ModelError
 from ..._functional import FunctionalModel
@@ -24,12 +25,14 @@ from ..._modes import Mode, block_shape
 from ..._process import quiet_fallbacks
 from ..base import KernelMethod
 from ..jacobian import contract_jacobian_pair, flat_jacobian, jacobian_bytes, per_sample_jacobians
-from .capture import Capture, Use, capture, per_output_cotangents, samples_of
+from .capture import Capture, Use, capture, per_output_cotangents, samples_of, shape_of
 from .chain import RowsCotangents, chain_cotangent_chunks, compact_uses
-from .factors import Factor, JacobianFactor, PairFactor, RowsPairFactor, as_pair
+from .check import failed_groups
+from .factors import Factor, FactorShape, JacobianFactor, PairFactor, RowsPairFactor, as_pair
 from .rules.base import Roles
 
 Factors = dict[tuple[str, ...], Factor]
+T = TypeVar("T")
 
 
 def mergeable(a: Factor, b: Factor) -> bool:
@@ -44,7 +47,7 @@ def mergeable(a: Factor, b: Factor) -> bool:
 
 
 CHECKED_SAMPLES = 2
-"""Samples the calibration's gradient check runs on: two, so that reordered samples show."""
+"""Samples the calibration's check runs on: two, so that reordered samples show."""
 
 CHUNK_BYTES = 16 * 2**20
 """Cotangents of several outputs are computed in one vmapped backward pass up to this size."""
@@ -52,17 +55,20 @@ CHUNK_BYTES = 16 * 2**20
 
 class GramStream:
     """K(x, x) of one block in trace or diagonal mode, accumulated output chunk by output chunk
-    from the per-sample Jacobians of groups with one use, which then need not be kept (a
-    convolution's are N·O·p numbers). Only their first ``keep`` samples stay, for the check."""
+    from the per-sample Jacobians of the uses it may take (see :meth:`StructuredMethod.gram_stream`),
+    which then need not be kept (a convolution's are N·O·p numbers). Only their first ``keep``
+    samples stay, and per group what it added to the entries of those samples, for the check."""
 
     MODES = ("trace", "diagonal")
     """The modes whose kernel can be accumulated output chunk by output chunk."""
 
     def __init__(self, mode: Mode, n: int, num_outputs: int, streamable: set[int], keep: int, like: torch.Tensor) -> None:
-        self.mode, self.streamable, self.keep = mode, streamable, keep
+        self.mode, self.streamable, self.keep, self.num_outputs = mode, streamable, keep, num_outputs
         self.kernel = torch.zeros(block_shape(mode, n, n, num_outputs), dtype=like.dtype, device=like.device)
         self.nbytes: dict[tuple[str, ...], int] = {}
         """Per streamed group, the bytes its factors would have taken."""
+        self.probe: dict[tuple[str, ...], torch.Tensor] = {}
+        """Per streamed group, its share of the kernel entries of the first ``keep`` samples."""
 
     def take(self, use: int, part: Factors, start: int) -> Factors:
         """Accumulate what can be streamed of one use's factors of outputs start, ...; return the rest
@@ -77,12 +83,17 @@ class GramStream:
             j = factor.jacobian
             with fast_matmuls(intercept=False):  # the contraction calls _gemm.mm
                 block = contract_jacobian_pair(j, j, self.mode)
+            k = self.keep
+            if group not in self.probe:
+                self.probe[group] = self.kernel.new_zeros(block_shape(self.mode, k, k, self.num_outputs))
             if self.mode == "trace":
                 self.kernel += block
+                self.probe[group] += block[:k, :k]
             else:
                 self.kernel[:, :, start:start + j.shape[1]] += block
+                self.probe[group][:, :, start:start + j.shape[1]] += block[:k, :k]
             self.nbytes[group] = self.nbytes.get(group, 0) + factor.nbytes()
-            kept[group] = JacobianFactor(j[: self.keep].clone())  # a copy: the view would keep all of j
+            kept[group] = JacobianFactor(j[:k].clone())  # a copy: the view would keep all of j
         return kept
 
 
@@ -129,6 +140,9 @@ class StructuredMethod(KernelMethod):
     calibration: Layout | None = None
     size_estimate: int | None = None
     """Bytes per sample from :meth:`estimate_size` (used to size blocks before calibrating)."""
+    estimated: Layout | None = None
+    """What :meth:`estimate_size` read off shapes: the layout calibration would find, unless
+    its check sends groups to the fallback (for the cost model, before any calibration)."""
     kept: tuple[Batch, Factors | torch.Tensor] | None = None
     """The calibration block and its structured factors, for the first ``left`` call on that
     block; or, for a Gram matrix of that one block, its kernel, for the first ``gram`` call."""
@@ -136,7 +150,7 @@ class StructuredMethod(KernelMethod):
     """Whether the size estimate's forward pass saw a chain (then calibration records no graph)."""
     chain_allowed: bool = True
     """Whether calibration may take the cotangents from the model's chain (False after the
-    gradient check rejected them once)."""
+    check rejected them once)."""
 
     @property
     def compact_rows(self) -> bool:
@@ -156,31 +170,73 @@ class StructuredMethod(KernelMethod):
         assert self.calibration is not None, "calibrate first"
         return self.calibration.groups
 
+    @property
+    def layout(self) -> Layout:
+        """The calibrated layout, else the estimated one (for the cost model)."""
+        layout = self.calibration or self.estimated
+        assert layout is not None, "estimate_size or calibrate first"
+        return layout
+
     def estimate_size(self, x: Batch) -> None:
-        """Estimate the bytes per sample from one forward pass on a few samples (no backward).
+        """Estimate the bytes per sample and the layout from one forward pass on a few samples
+        (no backward pass, no kernel, no check); done once per method.
 
         Each covered use's rule sizes its factors from shapes (``Rule.factor_bytes``); one
         output's cotangents come on top, and the Jacobian rows of the parameters no rule
-        covers. A chain model (:mod:`.chain`) whose factors include compact ones in trace
-        mode (``RowsPairFactor``) has its factors of these few samples computed instead, no
-        autograd needed. Calibration can still send groups to the fallback (conflicting uses
-        of a shared parameter, a failed gradient check); the engine then re-sizes its blocks.
+        covers. The factors' kinds and contraction FLOPs (``estimated``) come from the rules
+        run on shapes alone (meta tensors: no arithmetic). A chain model (:mod:`.chain`) whose
+        factors include compact ones in trace mode (``RowsPairFactor``) has its factors of
+        these few samples computed instead, no autograd needed. Calibration can still send
+        groups to the fallback (its check); the engine then re-sizes its blocks.
         """
+        if self.estimated is not None:
+            return
         observed = capture(self.f, x, graph=False)
         n, o = observed.outputs.shape
         sizes = {name: p.numel() for name, p in self.f.primals.items()}
         if observed.chain is not None and self.chain_allowed and self.compact_rows and compact_uses(observed.chain):
-            factors, _ = self.factors_of(observed, chunk=o, chain=True)
+            factors, conflicts = self.factors_of(observed, chunk=o, chain=True)
             total = sum(f.nbytes() for f in factors.values())
+            costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in factors.items()}
         else:
             total = sum(  # for all n samples
                 use.rule.factor_bytes(use.saved, use.output, part, sizes, self.mode, o)
                 for use, roles in zip(observed.uses, roles_by_use(observed.uses))
                 for part in roles
             )
+            shapes, conflicts = merge_uses(
+                [
+                    {g: shape for part in roles for g, shape in use.rule.factor_shapes(use.saved, use.output, part, sizes, self.mode, o).items()}
+                    for use, roles in zip(observed.uses, roles_by_use(observed.uses))
+                ],
+                FactorShape.merge,
+            )
+            costs = {group: (shape.kind, shape.pair_flops(self.mode, o)) for group, shape in shapes.items()}
         fallback = sorted(observed.unstructured & set(self.f.primals))
         self.size_estimate = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
         self.probed_chain = observed.chain is not None
+        structured, fallback_names = split_fallback(costs, observed.unstructured | conflicts)
+        self.estimated = self.layout_of(observed, structured, fallback_names, self.size_estimate, None, observed.chain is not None)
+
+    def layout_of(
+        self, observed: Capture, costs: dict[tuple[str, ...], tuple[str, float]], fallback: set[str], bytes_: int, batched: bool | None, chain: bool
+    ) -> Layout:
+        """The layout of a captured block whose structured groups have these kinds and pair FLOPs."""
+        n = observed.outputs.shape[0]
+        names = set(observed.primals)
+        return Layout(
+            frozenset(costs),
+            tuple(sorted(fallback & names)),
+            bytes_,
+            {group: flops for group, (_, flops) in costs.items()},
+            {group: kind for group, (kind, _) in costs.items()},
+            observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & names),
+            batched,
+            direction_bytes(observed),
+            observed.matmul_flops >= 0.5 * observed.flops > 0,
+            observed.cloned,
+            chain,
+        )
 
     def use_factors(self, use: Use, cotangents: torch.Tensor | RowsCotangents, roles: list[Roles], num_outputs: int) -> Factors:
         """One use's factors from its cotangents (N, K, *output shape[1:]), or from compact ones."""
@@ -196,19 +252,19 @@ class StructuredMethod(KernelMethod):
     def calibrate(self, x: Batch, keep: bool = False, gram: bool = False) -> None:
         """Fix which parameter groups are structured, checking each against autograd.
 
-        The factors of x are computed; then, on the first CHECKED_SAMPLES samples of x, the
-        gradient of Σ r[n, a] f_a(x_n) for fixed random weights r is computed by autograd
-        (a separate forward and backward pass on those samples alone) and from each group's
-        factors; a group that disagrees (an op used in a way its rule does not model,
+        The factors of x are computed; then the check (:mod:`.check`) compares, on the first
+        CHECKED_SAMPLES samples of x, what each group contributes to their kernel entries
+        (contracted, or accumulated by the Gram stream) with autograd's gradients in random
+        directions; a group that disagrees (an op used in a way its rule does not model,
         samples reordered inside the model, ...) goes to the Jacobian fallback. Also
         measures the factors' bytes per sample. With ``keep``, x's factors are kept for the
         first ``left(x)``: calibrating on the first block costs only the check. With ``gram``
         too (x is the whole of a Gram matrix's inputs), K(x, x) itself is kept for ``gram(x)``,
         in trace and diagonal modes contracted as the factors come (:class:`GramStream`).
+        Reached only through the engine (:func:`fastntk._engine.calibrate_on_first_block`).
         """
         observed = capture_for(self.f, x, chain=self.probed_chain and self.chain_allowed)
         n, o = observed.outputs.shape
-        names = list(observed.primals)
         per_direction = direction_bytes(observed)
         heavy = observed.matmul_flops >= 0.5 * observed.flops > 0
         chunk = output_chunk(n, o, per_direction, heavy, observed.flops)
@@ -216,7 +272,7 @@ class StructuredMethod(KernelMethod):
         chain = observed.chain is not None and self.chain_allowed
 
         def stream() -> GramStream | None:
-            return self.gram_stream(observed) if keep and gram else None
+            return self.gram_stream(observed, observed.unstructured) if keep and gram else None
 
         streamed = stream()
         if chain:
@@ -231,47 +287,23 @@ class StructuredMethod(KernelMethod):
         if not batched and not chain:
             streamed = stream()
             factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy, stream=streamed)
-        del observed.outputs  # free the graph before the check
-        checked = min(n, CHECKED_SAMPLES)
-        weights = torch.randn(checked, o, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        weights = weights.to(device=self.f.device, dtype=self.f.dtype)
-        primals = {name: p.detach().requires_grad_() for name, p in self.f.primals.items()}
-        with torch.enable_grad():
-            objective = (self.f(primals, take(x, 0, checked)) * weights).sum()
-        true = torch.autograd.grad(objective, list(primals.values()), allow_unused=True)
-        true_by_name = {name: torch.zeros_like(primals[name]) if g is None else g for name, g in zip(primals, true)}
-        scale = max((g.abs().max().item() for g in true_by_name.values() if g.numel()), default=0.0)
-        tol = tolerance(self.f.dtype) * max(scale, torch.finfo(self.f.dtype).tiny)
-        rejected: set[str] = set()
-        for group, factor in factors.items():
-            claimed = factor.gradient(weights, [observed.primals[name].shape for name in group])
-            expected = [true_by_name[name].reshape(-1) for name in group]
-            if [c.shape for c in claimed] != [e.shape for e in expected] or any(
-                c.sub_(e).abs_().max().item() > tol for c, e in zip(claimed, expected) if c.numel()  # c is ours to overwrite
-            ):
-                rejected.update(group)
+        observed.outputs = shape_of(observed.outputs)  # free the graph before the check
+        candidates, _ = split_fallback(factors, observed.unstructured | conflicts)
+        probe = take(x, 0, min(n, CHECKED_SAMPLES))
+        with fast_matmuls(intercept=False):  # the contractions call _gemm.mm, as they will for the kernel
+            failed = failed_groups(self.f, probe, self.mode, o, candidates, {} if streamed is None else streamed.probe)
+        rejected = {name for group in failed for name in group}
         if chain and rejected:  # the chain's cotangents disagree with autograd's: leave it to autograd
             self.chain_allowed = False
             return self.calibrate(x, keep, gram)
         structured, fallback = split_fallback(factors, observed.unstructured | conflicts | rejected)
-        fallback_names = sorted(fallback & set(names))
+        fallback_names = sorted(fallback & set(observed.primals))
         streamed_bytes = {} if streamed is None else streamed.nbytes
         # kept: the factors (streamed or not); transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
         bytes_ = sum(streamed_bytes.get(g, f.nbytes()) for g, f in structured.items()) // n + per_direction
         bytes_ += jacobian_bytes(self.f, o, fallback_names)
-        self.calibration = Layout(
-            frozenset(structured),
-            tuple(fallback_names),
-            bytes_,
-            {group: f.pair_flops(self.mode) for group, f in structured.items()},
-            {group: "jacobian" if isinstance(f, JacobianFactor) else "pair" for group, f in structured.items()},
-            observed.flops / n + 2.0 * sum(self.f.primals[p].numel() for p in observed.unstructured & set(names)),
-            batched,
-            per_direction,
-            heavy,
-            observed.cloned,
-            chain,
-        )
+        costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in structured.items()}
+        self.calibration = self.layout_of(observed, costs, fallback, bytes_, batched, chain)
         self.kept = None
         if keep and streamed is None:
             self.kept = (x, structured)
@@ -328,13 +360,19 @@ class StructuredMethod(KernelMethod):
                 del cotangents
         return merge_uses([stack_outputs(p) for p in parts if p])
 
-    def gram_stream(self, observed: Capture) -> GramStream | None:
-        """A stream for K(x, x) of this block, when the mode allows one (``GramStream.MODES``)."""
+    def gram_stream(self, observed: Capture, fallback: set[str]) -> GramStream | None:
+        """A stream for K(x, x) of this block, when the mode allows one (``GramStream.MODES``).
+
+        It takes the uses whose every group is made by that use alone and holds no ``fallback``
+        parameter: a group's uses must be merged before contracting (their cross terms), and
+        a fallback parameter's share comes from its Jacobians instead.
+        """
         if self.mode not in GramStream.MODES:
             return None
         n, o = observed.outputs.shape
-        shared = shared_parameters(observed.uses)
-        streamable = {i for i, use in enumerate(observed.uses) if not shared & set(use.roles.values())}
+        groups = [{group for part in roles for group in use.rule.groups(part)} for use, roles in zip(observed.uses, roles_by_use(observed.uses))]
+        uses_of = Counter(group for mine in groups for group in mine)
+        streamable = {i for i, mine in enumerate(groups) if all(uses_of[g] == 1 and not fallback & set(g) for g in mine)}
         return GramStream(self.mode, n, o, streamable, min(n, CHECKED_SAMPLES), observed.outputs)
 
     def with_fallback(self, factors: Factors, x: Batch) -> Factors:
@@ -351,21 +389,19 @@ class StructuredMethod(KernelMethod):
         factors = self.take_kept(x, kernel=False)
         if isinstance(factors, dict):
             return self.with_fallback(factors, x)
-        if self.calibration is None:
-            self.calibrate(x)
         return self.block_factors(x)[0]
 
     def block_factors(self, x: Batch, streaming: bool = False) -> tuple[Factors, GramStream | None]:
         """The factors of the block x (with the fallback's), and with ``streaming`` the stream
         that took those it could (see :class:`GramStream`; the factors keep their first samples)."""
-        assert self.calibration is not None
+        assert self.calibration is not None, "calibrate first (the engine's calibrate_on_first_block)"
         heavy = self.calibration.matmul_heavy
         with fast_matmuls(heavy):
             observed = capture_for(self.f, x, self.calibration.clone_outputs, chain=self.calibration.chain)
         chain = self.calibration.chain and observed.chain is not None
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
-        streamed = self.gram_stream(observed) if streaming else None
+        streamed = self.gram_stream(observed, observed.unstructured | set(self.fallback)) if streaming else None
         if chain:
             factors, conflicts = self.factors_of(observed, chunk, fast=heavy, chain=True, stream=streamed)
         else:
@@ -407,7 +443,7 @@ class StructuredMethod(KernelMethod):
                 raise
             # first vmapped backward of this model, and it cannot be: one output at a time from now on
             self.calibration = dataclasses.replace(self.calibration, batched_backward=False)
-            streamed = None if streamed is None else self.gram_stream(observed)
+            streamed = None if streamed is None else self.gram_stream(observed, observed.unstructured | set(self.fallback))
             factors, conflicts = self.factors_of(observed, 1, fast=heavy, stream=streamed)
         return factors, conflicts, streamed
 
@@ -483,7 +519,7 @@ def roles_by_use(uses: list[Use]) -> list[list[Roles]]:
     return [[{role: name} for role, name in use.roles.items()] if shared & set(use.roles.values()) else [use.roles] for use in uses]
 
 
-def split_fallback(factors: Factors, fallback: set[str]) -> tuple[Factors, set[str]]:
+def split_fallback(factors: dict[tuple[str, ...], T], fallback: set[str]) -> tuple[dict[tuple[str, ...], T], set[str]]:
     """The groups free of fallback parameters, and the fallback grown by the other groups'
     parameters: a group is structured whole or not at all."""
     fallback = set(fallback)
@@ -498,20 +534,33 @@ def stack_outputs(parts: list[Factors]) -> Factors:
     return {group: type(factor).stack_outputs([p[group] for p in parts]) for group, factor in parts[0].items()}
 
 
-def merge_uses(per_use: list[Factors]) -> tuple[Factors, set[str]]:
-    """Combine the uses' factors group by group; groups that cannot be combined are dropped
-    and their parameters returned (they go to the Jacobian fallback)."""
-    merged: Factors = {}
+def merge_factors(a: Factor, b: Factor) -> Factor | None:
+    """Two uses' factors of one group combined exactly, or None where they cannot be."""
+    return as_pair(a).merge(as_pair(b)) if mergeable(a, b) else None  # type: ignore[union-attr, arg-type]
+
+
+def merge_uses(per_use: list[dict[tuple[str, ...], T]], combine: Callable[[T, T], T | None] = merge_factors) -> tuple[dict[tuple[str, ...], T], set[str]]:  # type: ignore[assignment]
+    """Combine the uses' factors (or their shapes) group by group; groups that cannot be
+    combined (``combine`` gives None) are dropped and their parameters returned (they go to
+    the Jacobian fallback)."""
+    merged: dict[tuple[str, ...], T] = {}
     conflicts: set[str] = set()
     for factors in per_use:
         for group, factor in factors.items():
             if group not in merged:
                 merged[group] = factor
-            elif mergeable(merged[group], factor):
-                merged[group] = as_pair(merged[group]).merge(as_pair(factor))  # type: ignore[union-attr, arg-type]
-            else:
+                continue
+            combined = combine(merged[group], factor)
+            if combined is None:
                 conflicts.update(group)
+            else:
+                merged[group] = combined
     return {group: f for group, f in merged.items() if not conflicts & set(group)}, conflicts
+
+
+def kind_of(factor: Factor) -> str:
+    """How a factor is contracted: "jacobian" or "pair" (input and cotangent Grams)."""
+    return "jacobian" if isinstance(factor, JacobianFactor) else "pair"
 
 
 def _samples(factors: Factors) -> int:

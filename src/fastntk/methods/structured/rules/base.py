@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from ...._modes import Mode
-from ..factors import Factor
+from ..factors import Factor, FactorShape
 
 if TYPE_CHECKING:
     from ..chain import RowsCotangents
@@ -58,6 +58,13 @@ class Rule(ABC):
         """
         n = output.shape[0]
         return sum(n * num_outputs * sum(sizes[name] for name in group) for group in self.groups(roles)) * output.element_size()
+
+    def factor_shapes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> dict[tuple[str, ...], FactorShape]:
+        """What ``factors`` would return, as shapes (for the cost model, before any backward pass).
+
+        By default each group keeps its per-sample Jacobian.
+        """
+        return {group: FactorShape("jacobian", sum(sizes[name] for name in group)) for group in self.groups(roles)}
 
     def rows_factors(self, saved: Saved, cotangents: "RowsCotangents", roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor] | None:
         """Factors from cotangents of the form derivative ⊙ rows kept compact, or None when

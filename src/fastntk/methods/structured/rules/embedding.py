@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...._modes import Mode
-from ..factors import Factor, PairFactor
+from ..factors import Factor, FactorShape, PairFactor
 from .base import Roles, Rule, Saved
 
 
@@ -31,6 +31,10 @@ class EmbeddingRule(Rule):
     def factor_bytes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> int:
         indices = saved["indices"]  # and the cotangents at every position
         return indices.numel() * indices.element_size() + num_outputs * output.numel() * output.element_size()
+
+    def factor_shapes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> dict[tuple[str, ...], FactorShape]:
+        positions = saved["indices"].shape[1]
+        return {(roles["weight"],): FactorShape("pair", 1, positions, output[0].numel() // positions, key_kind="index")}
 
     def factors(self, saved: Saved, cotangents: torch.Tensor, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor]:
         indices, padding = saved["indices"], saved["padding"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ...._modes import Mode
 from ..chain import RowsCotangents
-from ..factors import Factor, JacobianFactor, PairFactor, RowsPairFactor
+from ..factors import Factor, FactorShape, JacobianFactor, PairFactor, RowsPairFactor
 from .base import Roles, Rule, Saved, position_sum
 
 
@@ -62,6 +62,14 @@ class LinearRule(Rule):
         if "weight" in roles and pair_is_cheaper(s, d, e, num_outputs, mode):  # keys and cotangents
             return keys.numel() * keys.element_size() + n * num_outputs * s * e * output.element_size()
         return super().factor_bytes(saved, output, roles, sizes, mode, num_outputs)
+
+    def factor_shapes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> dict[tuple[str, ...], FactorShape]:
+        _, s, d = saved["keys"].shape
+        e = output.shape[-1]
+        weight, bias = roles.get("weight"), roles.get("bias")
+        if weight is not None and pair_is_cheaper(s, d, e, num_outputs, mode):
+            return {weight_group(weight, bias): FactorShape("pair", d, s, e, plus_one=bias is not None)}
+        return super().factor_shapes(saved, output, roles, sizes, mode, num_outputs)
 
     def rows_factors(self, saved: Saved, cotangents: RowsCotangents, roles: Roles, mode: Mode, num_outputs: int) -> dict[tuple[str, ...], Factor] | None:
         """Trace mode, one position: keys and the compact cotangents (:class:`RowsPairFactor`)."""
