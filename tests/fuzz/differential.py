@@ -70,6 +70,10 @@ class Mutated(FuzzFailure):
     """The call changed the model (parameters, buffers, flags, grads) or the inputs."""
 
 
+class StaleReuse(FuzzFailure):
+    """A reused ``ntk_fn`` gave a wrong kernel: on other inputs, or after the weights changed."""
+
+
 @dataclass
 class Outcome:
     kernel: torch.Tensor | None = None
@@ -175,6 +179,35 @@ class Checker:
         named = [m for m in re.findall(r"method='(\w+)'", str(exc)) if m in METHODS and m != combo.method]
         if not any(self.computes(Combo(m, combo.mode, combo.gram, combo.chunk)) for m in named):
             self.fail(BadRefusal, combo, detail)
+
+    def check_reuse(self, combo: Combo) -> None:
+        """One ``ntk_fn`` called on (x1, x2), x1 alone, (x2, x1), then on (x1, x2) again after every
+        parameter and floating buffer moved: each kernel must match its reference. Run last (it
+        changes the weights), and only where the single call on (x1, x2) computed the kernel."""
+        combo = Combo(combo.method, combo.mode, False, combo.chunk)
+        if not self.computes(combo):
+            return
+        fn = fastntk.ntk_fn(self.model, mode=combo.mode, method=combo.method, params=self.params, chunk_size=combo.chunk_size(self.n1))
+        try:
+            full = self.reference(False)
+            self.compare_reuse(combo, "x1, x2", fn(self.x1, self.x2), full)
+            self.compare_reuse(combo, "x1", fn(self.x1), self.reference(True))
+            self.compare_reuse(combo, "x2, x1", fn(self.x2, self.x1), full.permute(1, 0, 3, 2))
+            g = torch.Generator().manual_seed(7)
+            with torch.no_grad():
+                for t in [*self.model.parameters(), *self.model.buffers()]:
+                    if t.is_floating_point():  # upwards, so running variances stay positive
+                        t.add_(0.1 * torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype))
+            self.snapshot, self.references = Snapshot(self.model, self.x1, self.x2), {}
+            self.compare_reuse(combo, "x1, x2 after a weight update", fn(self.x1, self.x2), self.reference(False))
+        except Exception as exc:  # noqa: BLE001 - the single call computed it, so any error is a failure
+            self.fail(StaleReuse, combo, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+
+    def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, full: torch.Tensor) -> None:
+        try:
+            assert_kernel_close(kernel, reduce_full(full, combo.mode), self.dtype)
+        except AssertionError as exc:
+            self.fail(StaleReuse, combo, f"{what}: {str(exc).splitlines()[0]}")
 
     def raise_first(self) -> None:
         if self.failures:

@@ -6,12 +6,17 @@ a failure to a short printable spec, and :func:`build` turns it into an ``nn.Mod
 
 Per-sample states are tuples of sizes: ``(F,)`` features, ``(C, *spatial)`` for
 convolutions, ``(S, E)`` sequences. Every op acts on the whole batch ``(N, *state)``.
+Norms never normalise a single value (LayerNorm over one feature, GroupNorm over one
+element): their output is then constant, the exact kernel of what precedes them is 0, and
+the rounding noise the reference and the methods compute instead has no scale to compare to.
+
 Ops (first element names them; ``key`` is the ModuleDict key of an earlier op):
 
 - ("linear", out, bias, weight_norm), ("act", name), ("layernorm", affine), ("scale",)
 - ("residual", ops), ("concat", ops_a, ops_b), ("product", ops_a, ops_b): branches
 - ("twice", op, act): one module applied twice; ("again", key): an earlier module reapplied
 - ("tied_linear", key, transposed): F.linear with an earlier Linear's weight (or its transpose)
+- ("shared_weight", key, bias): a new Linear whose weight IS an earlier Linear's (an alias name)
 - ("ln_weight", key): the state times an earlier LayerNorm's weight
 - ("conv", d, out, k, stride, padding, dilation, groups, bias, padding_mode)
 - ("convT", d, out, k, stride, padding, output_padding, dilation, groups, bias)
@@ -73,7 +78,7 @@ class Spec:
         ops: the trunk, in order.
         output: the head's kind; outputs: its O per output tensor.
         frozen: indices (mod P) of parameters set to requires_grad=False.
-        params: None, or indices (mod P) of the parameters selected by name.
+        params: None, or indices (mod P) of the parameters selected by name (aliases included).
         train: the model's train flag (BatchNorm layers are always in eval mode).
         n1, n2, seed: sample counts and the seed of weights and inputs.
     """
@@ -158,6 +163,11 @@ def add_op(mods: nn.ModuleDict, op: Op, key: str, state: State) -> State:
                 mods[key].bias.uniform_(-0.5, 0.5)
     elif kind == "scale":
         mods[key] = Scale()
+    elif kind == "shared_weight":
+        source = mods[op[1]]
+        layer = nn.Linear(source.in_features, source.out_features, bias=op[2])
+        layer.weight = source.weight
+        mods[key] = layer
     elif kind == "residual":
         add_ops(mods, op[1], key + "r", state)
     elif kind in ("concat", "product"):
@@ -216,7 +226,7 @@ def shape_after(mods: nn.ModuleDict, op: Op, key: str, state: State) -> State:
 def run_op(mods: nn.ModuleDict, op: Op, key: str, h: torch.Tensor) -> torch.Tensor:
     """Apply ``op`` to the batch ``h``."""
     kind = op[0]
-    if kind in ("linear", "act", "layernorm", "scale", "conv", "convT", "groupnorm", "batchnorm", "pool", "adaptive", "embed"):
+    if kind in ("linear", "shared_weight", "act", "layernorm", "scale", "conv", "convT", "groupnorm", "batchnorm", "pool", "adaptive", "embed"):
         return mods[key](h)
     if kind == "residual":
         return h + run_ops(mods, op[1], key + "r", h)
@@ -304,7 +314,7 @@ def selection(spec: Spec, model: nn.Module) -> list[str] | None:
     """The ``params=`` names of the spec (None: every parameter with requires_grad)."""
     if spec.params is None:
         return None
-    names = list(dict(model.named_parameters()))
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]  # aliases of tied weights too
     return list(dict.fromkeys(names[i % len(names)] for i in spec.params))
 
 
@@ -355,7 +365,7 @@ class Scope:
             op = ("act", "tanh")
             self.state = add_op(self.mods, op, key, before)
         self.last = op[0]
-        if op[0] == "linear":
+        if op[0] == "linear" and not op[3]:
             self.linears.append((key, before[-1], op[1]))
         if op[0] == "conv" and op[7] == 1:
             self.convs.append((key, op[1], before[0], op[2]))
@@ -453,16 +463,17 @@ def trunk_op(draw: Callable, scope: Scope, family: str) -> Op:
         choices = ["rnn", "rnn", "act", "linear"]
     if family == "dense" and len(state) == 1 and state[0] in (4, 6, 8):
         choices += ["unflatten"]
-    kind = draw(st.sampled_from(choices))
+    reuse = [c for c in choices if c in REUSE]
+    kind = draw(st.sampled_from(reuse)) if reuse and draw(st.booleans()) else draw(st.sampled_from(choices))
     if kind == "act":
         name = activation(draw)
         if name == "relu_" and scope.last not in ("linear", "conv", "convT"):
             name = "relu"  # in place only on a layer's own output (not on the caller's input or a shared state)
         return scope.push(("act", name))
     if kind == "linear":
-        return scope.push(linear_op(draw))
+        return scope.push(linear_op(draw, state[-1] if draw(st.booleans()) else None))
     if kind == "layernorm":
-        return scope.push(("layernorm", draw(st.booleans())))
+        return scope.push(("layernorm", draw(st.booleans())) if state[-1] > 1 else ("act", "tanh"))
     if kind == "scale":
         return scope.push(("scale",))
     if kind in ("residual", "concat", "product"):
@@ -475,13 +486,13 @@ def trunk_op(draw: Callable, scope: Scope, family: str) -> Op:
     if kind == "tied_linear":
         key, a, b = draw(st.sampled_from(scope.linears))
         if state[-1] == a:
-            return scope.push(("tied_linear", key, False))
+            return scope.push(("shared_weight", key, draw(st.booleans())) if draw(st.booleans()) else ("tied_linear", key, False))
         if state[-1] == b:
             return scope.push(("tied_linear", key, True))
         return scope.push(linear_op(draw, a))  # brings the state to where the tie fits next time
     if kind == "ln_weight":
         fitting = [k for k, dim in scope.norms if dim == state[-1]]
-        return scope.push(("ln_weight", draw(st.sampled_from(fitting)))) if fitting else scope.push(("layernorm", True))
+        return scope.push(("ln_weight", draw(st.sampled_from(fitting)))) if fitting else scope.push(linear_op(draw, scope.norms[-1][1]))
     if kind == "unflatten":
         return scope.push(("unflatten", 2))
     if kind == "conv":
@@ -494,7 +505,10 @@ def trunk_op(draw: Callable, scope: Scope, family: str) -> Op:
         fitting = [c[0] for c in scope.convs if c[3] == state[0] and c[1] == len(state) - 1]
         return scope.push(("tied_convT", draw(st.sampled_from(fitting))))
     if kind == "groupnorm":
-        return scope.push(("groupnorm", draw(st.sampled_from([g for g in (1, 2, 3) if state[0] % g == 0])), draw(st.booleans())))
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if state[0] % g == 0]))
+        if state[0] // groups * math.prod(state[1:]) < 2:
+            return scope.push(("act", "tanh"))
+        return scope.push(("groupnorm", groups, draw(st.booleans())))
     if kind == "batchnorm":
         return scope.push(("batchnorm",))
     if kind == "pool":
@@ -533,6 +547,9 @@ def first_input(draw: Callable, family: str) -> tuple:
     vocab = draw(st.integers(3, 8))
     return ("ids", vocab, draw(st.integers(1, 4)), draw(st.one_of(st.none(), st.integers(0, vocab - 1))))
 
+
+REUSE = ("again", "tied_linear", "ln_weight", "tied_convT", "tied_out")
+"""Ops that reuse an earlier module or weight: drawn half the time when one fits."""
 
 FAMILIES = ("dense", "conv", "sequence", "embedding", "recurrent", "io")
 """Grammar families: each draws its own kinds of trunk ops (``io`` stresses the inputs,
