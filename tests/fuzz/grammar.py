@@ -9,6 +9,7 @@ convolutions, ``(S, E)`` sequences. Every op acts on the whole batch ``(N, *stat
 Norms never normalise a single value (LayerNorm over one feature, GroupNorm over one
 element): their output is then constant, the exact kernel of what precedes them is 0, and
 the rounding noise the reference and the methods compute instead has no scale to compare to.
+For the same reason weight_norm is applied only to layers of more than one input.
 
 Ops (first element names them; ``key`` is the ModuleDict key of an earlier op):
 
@@ -22,6 +23,7 @@ Ops (first element names them; ``key`` is the ModuleDict key of an earlier op):
 - ("convT", d, out, k, stride, padding, output_padding, dilation, groups, bias)
 - ("tied_convT", key): F.conv_transposeNd with an earlier convolution's weight
 - ("groupnorm", groups, affine), ("batchnorm",), ("pool", kind, k), ("adaptive", kind, size)
+- ("guard",): data-dependent control flow (halve the state if any entry exceeds 1e6: never)
 - ("flatten",), ("transpose",) (last two dims), ("swap_spatial",), ("unflatten", a), ("mean",)
 - ("embed", vocab, dim, padding_idx), ("tied_out", key): logits by an embedding's weight
 - ("mha", heads), ("sdpa", heads, causal), ("rnn", kind, hidden, layers, bidirectional)
@@ -152,7 +154,8 @@ def add_op(mods: nn.ModuleDict, op: Op, key: str, state: State) -> State:
     if kind == "linear":
         _, out, bias, wn = op
         layer = nn.Linear(state[-1], out, bias=bias)
-        mods[key] = nn.utils.parametrizations.weight_norm(layer) if wn else layer
+        # weight_norm of one input is g·sign(v): a derivative in v that is 0 but for rounding (see above)
+        mods[key] = nn.utils.parametrizations.weight_norm(layer) if wn and state[-1] > 1 else layer
     elif kind == "act":
         mods[key] = ACTIVATIONS[op[1]]()
     elif kind == "layernorm":
@@ -250,6 +253,8 @@ def run_op(mods: nn.ModuleDict, op: Op, key: str, h: torch.Tensor) -> torch.Tens
         return F_CONV_T[conv.weight.dim() - 2](h, conv.weight, stride=conv.stride, dilation=conv.dilation)
     if kind == "tied_out":
         return F.linear(h, mods[op[1]].weight)
+    if kind == "guard":
+        return h * 0.5 if bool((h.abs() > 1e6).any()) else h
     if kind == "flatten":
         return h.flatten(1)
     if kind == "transpose":
@@ -440,7 +445,7 @@ def trunk_op(draw: Callable, scope: Scope, family: str) -> Op:
     state = scope.state
     choices = ["act", "linear"]
     if family in ("dense", "sequence", "embedding", "io"):
-        choices += ["layernorm", "residual", "concat", "product", "twice", "scale"]
+        choices += ["layernorm", "residual", "concat", "product", "twice", "scale", "guard"]
         if scope.linears:
             choices += ["tied_linear"]
         if scope.norms:
@@ -474,8 +479,8 @@ def trunk_op(draw: Callable, scope: Scope, family: str) -> Op:
         return scope.push(linear_op(draw, state[-1] if draw(st.booleans()) else None))
     if kind == "layernorm":
         return scope.push(("layernorm", draw(st.booleans())) if state[-1] > 1 else ("act", "tanh"))
-    if kind == "scale":
-        return scope.push(("scale",))
+    if kind in ("scale", "guard"):
+        return scope.push((kind,))
     if kind in ("residual", "concat", "product"):
         return branch(draw, scope, kind, conv_like=family == "conv")
     if kind == "twice":

@@ -86,3 +86,30 @@ def test_vp_with_padding_idx_embedding_tied_to_the_output() -> None:
     model = TiedPaddedEmbedding().to(F64)
     ids = torch.tensor([[0, 1], [0, 2], [3, 0]])
     check_model(model, ids, ids[:2], combos=combos_of(["vp", "auto"], ["full"], [False], ["default"]))
+
+
+class Guarded(nn.Module):
+    """Data-dependent control flow: an overflow guard that never fires on these inputs, after a
+    Linear (structured covers fc by its rule) or after a 0-d scale (no rule: Jacobian fallback)."""
+
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5)) if scaled else None
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x) if self.scale is None else self.scale * x
+        if bool((h.abs() > 1e6).any()):
+            h = h * 0.5
+        return self.head(h)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["after-linear", "after-scale"])
+def test_data_dependent_control_flow(scaled: bool) -> None:
+    """Every vmap-based path crashed with vmap's RuntimeError (bool() of a batched tensor): jacobian
+    and vp always, structured and auto where a parameter falls back to per-sample Jacobians;
+    a refusal must be a ModelError naming a method that computes the kernel."""
+    torch.manual_seed(0)
+    model = Guarded(scaled).to(F64)
+    check_model(model, randn(3, 3), randn(2, 3), combos=combos_of(modes=["full"], chunks=["default"]))
