@@ -364,9 +364,12 @@ class Scope:
         key = f"m{self.counter}"
         self.counter += 1
         before = self.state
+        known = set(self.mods)
         try:
             self.state = add_op(self.mods, op, key, before)
         except (RuntimeError, ValueError):
+            for stale in set(self.mods) - known:
+                del self.mods[stale]
             op = ("act", "tanh")
             self.state = add_op(self.mods, op, key, before)
         self.last = op[0]
@@ -577,9 +580,10 @@ def specs(draw: Callable, family: str) -> Spec:
     output = draw(st.sampled_from(
         ["linear", "identity", "scalar", "multidim", "tuple", "dict"] if io else ["linear", "linear", "linear", "identity", "tuple"]
     ))
-    if output == "identity" and (flat > 12 or not ops):
-        output = "linear"
     inputs = draw(st.sampled_from(["tensor", "tuple", "dict"] if io or family == "embedding" else ["tensor"] * 5 + ["tuple"]))
+    parametrized = inputs != "tensor" or any(True for _ in scope.mods.parameters())
+    if output == "identity" and (flat > 12 or not parametrized):
+        output = "linear"  # a head with parameters
     weights = draw(st.lists(st.integers(0, 63), max_size=3 if io else 1))
     params = draw(st.one_of(st.none(), st.lists(st.integers(0, 63), min_size=1, max_size=3).map(tuple))) if io or draw(st.integers(0, 5)) == 0 else None
     return Spec(

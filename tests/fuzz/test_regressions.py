@@ -33,12 +33,58 @@ class SharedOverPositions(nn.Module):
         return self.head(self.fc(torch.tanh(self.fc(x))).flatten(1))
 
 
-def test_one_block_gram_trace_and_diagonal_of_a_layer_applied_twice() -> None:
-    """structured/auto, x2=None, all N samples in one block: trace/diagonal missed the cross
-    terms of the two uses of ``fc`` (full mode and smaller blocks were right)."""
+class ConvTwice(nn.Module):
+    """One Conv1d applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3, padding="same")
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(torch.relu(self.conv(x))).flatten(1))
+
+
+class NormWeightReused(nn.Module):
+    """A LayerNorm whose weight also scales its output directly (a use outside its rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x) * self.norm.weight)
+
+
+class TiedEmbedding(nn.Module):
+    """Per-position logits by the embedding's own weight (no padding_idx)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.embed(ids), self.embed.weight).flatten(1)
+
+
+ONE_BLOCK_CASES = {
+    "linear-twice-over-positions": (SharedOverPositions, lambda: randn(5, 2, 2)),
+    "conv-twice": (ConvTwice, lambda: randn(4, 2, 4)),
+    "layernorm-weight-reused": (NormWeightReused, lambda: randn(4, 3)),
+    "tied-embedding": (TiedEmbedding, lambda: torch.tensor([[0, 1], [2, 3], [1, 4], [0, 0]])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_BLOCK_CASES))
+def test_one_block_gram_trace_and_diagonal_of_a_parameter_used_twice(case: str) -> None:
+    """structured/auto, x2=None, all N samples in one block (chunk_size=N or None): trace and
+    diagonal were wrong for a parameter used twice or partly outside the rules (full mode,
+    x2 given and blocks smaller than N were right)."""
     torch.manual_seed(0)
-    model = SharedOverPositions().to(F64)
-    check_model(model, randn(5, 2, 2), None, combos=combos_of(["structured", "auto"], ["trace", "diagonal"], [True], ["N", "default"]))
+    make_model, draw = ONE_BLOCK_CASES[case]
+    model = make_model().to(F64)
+    check_model(model, draw(), None, combos=combos_of(["structured", "auto"], ["trace", "diagonal"], [True], ["N", "default"]))
 
 
 class Recurrent(nn.Module):
