@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine, both idempotent:
 #   make demo   installs fastntk in .venv and runs `fastntk compute` on its built-in default
 #   make test   installs fastntk with its test extras in .venv and runs the test suite
+#   make fuzz   the long run of the differential fuzzer (tests/fuzz): FUZZ_EXAMPLES per family
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install install-test demo test bench
+.PHONY: install install-test demo test fuzz bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,11 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest
+
+FUZZ_EXAMPLES ?= 1000
+fuzz: install-test
+	FASTNTK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FASTNTK_FUZZ_COMBOS=$${FASTNTK_FUZZ_COMBOS:-12} FASTNTK_FUZZ_SHRINK=1 HYPOTHESIS_PROFILE=dev \
+		$(BIN)/python -m pytest -p no:cacheprovider tests/fuzz/test_fuzz.py
 
 bench: install
 	$(BIN)/python bench/run.py

@@ -1,0 +1,229 @@
+"""The fuzzer's oracle: run (method, mode, x2, chunk_size) combinations on one model and
+classify every way a call can be wrong.
+
+A call must match the float64 reference (``fastntk.reference_ntk``) to the dtype's
+tolerance, leave the model (parameters, buffers, requires_grad, train flags, grads) and
+the inputs as they were, and may refuse only with a ModelError naming a method that
+computes the kernel; "auto" never refuses a model an exact method computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import fastntk
+from conftest import assert_kernel_close, reduce_full
+
+METHODS = ("jacobian", "vp", "structured", "auto")
+EXACT = METHODS[:3]
+MODES = ("full", "trace", "diagonal")
+CHUNKS = ("1", "2", "N", "default")
+"""Block sizes: one sample, two (ragged for odd N), exactly N1, and the default (None)."""
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One call: method, mode, x2 given (gram=False) or None (gram=True), and chunk_size."""
+
+    method: str
+    mode: str
+    gram: bool
+    chunk: str
+
+    def chunk_size(self, n1: int) -> int | None:
+        return {"1": 1, "2": 2, "N": n1, "default": None}[self.chunk]
+
+
+ALL_COMBOS = [Combo(*c) for c in itertools.product(METHODS, MODES, (True, False), CHUNKS)]
+
+
+class FuzzFailure(AssertionError):
+    """A failure of one combination; subclasses name its class (hypothesis keeps them apart)."""
+
+
+class WrongKernel(FuzzFailure):
+    """The kernel differs from the float64 reference beyond the dtype's tolerance."""
+
+
+class Crash(FuzzFailure):
+    """An exception other than a refusal (a ModelError naming a method that works)."""
+
+
+class BadRefusal(FuzzFailure):
+    """A ModelError naming no method that computes the kernel."""
+
+
+class AutoRefused(FuzzFailure):
+    """method="auto" refused a model that an exact method computes."""
+
+
+class Mutated(FuzzFailure):
+    """The call changed the model (parameters, buffers, flags, grads) or the inputs."""
+
+
+class StaleReuse(FuzzFailure):
+    """A reused ``ntk_fn`` gave a wrong kernel: on other inputs, or after the weights changed."""
+
+
+@dataclass
+class Outcome:
+    kernel: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class Snapshot:
+    """Everything a call must leave as it found it: the model's tensors and flags, and the inputs."""
+
+    def __init__(self, model: nn.Module, *inputs: Any) -> None:
+        self.tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        self.requires_grad = {k: p.requires_grad for k, p in model.named_parameters()}
+        self.training = {k: m.training for k, m in model.named_modules()}
+        self.inputs = [copy.deepcopy(x) for x in inputs]
+
+    def differences(self, model: nn.Module, *inputs: Any) -> list[str]:
+        now = model.state_dict(keep_vars=True)
+        out = [f"tensor {k} changed" for k, v in self.tensors.items() if k not in now or not torch.equal(now[k].detach(), v)]
+        out += [f"requires_grad of {k} changed" for k, p in model.named_parameters() if self.requires_grad.get(k) != p.requires_grad]
+        out += [f"train flag of {k or 'model'} changed" for k, m in model.named_modules() if self.training.get(k) != m.training]
+        out += [f"grad of {k} set" for k, p in model.named_parameters() if p.grad is not None]
+        for i, (before, after) in enumerate(zip(self.inputs, inputs)):
+            a, b = pytree.tree_leaves(before), pytree.tree_leaves(after)
+            if len(a) != len(b) or not all(torch.equal(s, t) for s, t in zip(a, b)):
+                out.append(f"input x{i + 1} changed")
+        return out
+
+
+def where(exc: BaseException) -> str:
+    """The innermost frame of the traceback inside fastntk (or the last one), for grouping."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [fr for fr in frames if "/fastntk/" in fr.filename] or frames
+    fr = inside[-1]
+    return f"{fr.filename.split('/src/')[-1]}:{fr.lineno} ({fr.name})"
+
+
+class Checker:
+    """Runs combinations on one model and collects each failure as (class, combo, detail)."""
+
+    def __init__(self, model: nn.Module, x1: Any, x2: Any, params: list[str] | None = None) -> None:
+        self.model, self.x1, self.x2, self.params = model, x1, x2, params
+        self.dtype = next(iter(model.parameters())).dtype
+        self.n1 = pytree.tree_leaves(x1)[0].shape[0]
+        self.snapshot = Snapshot(model, x1, x2)
+        self.outcomes: dict[Combo, Outcome] = {}
+        self.references: dict[bool, torch.Tensor] = {}
+        self.failures: list[tuple[type[FuzzFailure], Combo, str]] = []
+
+    def reference(self, gram: bool) -> torch.Tensor:
+        if gram not in self.references:
+            x2 = None if gram else self.x2
+            self.references[gram] = fastntk.reference_ntk(self.model, self.x1, x2, mode="full", params=self.params)
+        return self.references[gram]
+
+    def fail(self, kind: type[FuzzFailure], combo: Combo, detail: str) -> None:
+        self.failures.append((kind, combo, detail))
+
+    def outcome(self, combo: Combo) -> Outcome:
+        """The call's kernel or error, checked against the reference and the snapshot once."""
+        if combo in self.outcomes:
+            return self.outcomes[combo]
+        result = Outcome()
+        try:
+            result.kernel = fastntk.ntk(
+                self.model, self.x1, None if combo.gram else self.x2, mode=combo.mode, method=combo.method,
+                params=self.params, chunk_size=combo.chunk_size(self.n1),
+            )
+        except Exception as exc:  # noqa: BLE001 - every error is classified by check()
+            result.error = exc
+        self.outcomes[combo] = result
+        changed = self.snapshot.differences(self.model, self.x1, self.x2)
+        if changed:
+            self.fail(Mutated, combo, "; ".join(changed))
+            self.snapshot = Snapshot(self.model, self.x1, self.x2)
+        if result.kernel is not None:
+            expected = reduce_full(self.reference(combo.gram), combo.mode)
+            try:
+                assert result.kernel.dtype == self.dtype, f"dtype {result.kernel.dtype}"
+                assert_kernel_close(result.kernel, expected, self.dtype)
+            except AssertionError as exc:
+                self.fail(WrongKernel, combo, str(exc).splitlines()[0])
+                result.error = exc
+        return result
+
+    def computes(self, combo: Combo) -> bool:
+        out = self.outcome(combo)
+        return out.kernel is not None and out.error is None
+
+    def check(self, combo: Combo) -> None:
+        """Run ``combo`` (once) and record how it failed, if it did."""
+        exc = self.outcome(combo).error
+        if exc is None or isinstance(exc, AssertionError):
+            return
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        detail = f"{type(exc).__name__} at {where(exc)}: {message[:300]}"
+        if not isinstance(exc, fastntk.ModelError):
+            self.fail(Crash, combo, detail)
+            return
+        others = [Combo(m, combo.mode, combo.gram, combo.chunk) for m in EXACT if m != combo.method]
+        if combo.method == "auto" and any(self.computes(c) for c in others):
+            self.fail(AutoRefused, combo, detail)
+            return
+        named = [m for m in re.findall(r"method='(\w+)'", str(exc)) if m in METHODS and m != combo.method]
+        if not any(self.computes(Combo(m, combo.mode, combo.gram, combo.chunk)) for m in named):
+            self.fail(BadRefusal, combo, detail)
+
+    def check_reuse(self, combo: Combo) -> None:
+        """One ``ntk_fn`` called on (x1, x2), x1 alone, (x2, x1), then on (x1, x2) again after every
+        parameter and floating buffer moved: each kernel must match its reference. Run last (it
+        changes the weights), and only where the single call on (x1, x2) computed the kernel."""
+        combo = Combo(combo.method, combo.mode, False, combo.chunk)
+        if not self.computes(combo):
+            return
+        fn = fastntk.ntk_fn(self.model, mode=combo.mode, method=combo.method, params=self.params, chunk_size=combo.chunk_size(self.n1))
+        try:
+            full = self.reference(False)
+            self.compare_reuse(combo, "x1, x2", fn(self.x1, self.x2), full)
+            self.compare_reuse(combo, "x1", fn(self.x1), self.reference(True))
+            self.compare_reuse(combo, "x2, x1", fn(self.x2, self.x1), full.permute(1, 0, 3, 2))
+            g = torch.Generator().manual_seed(7)
+            with torch.no_grad():
+                for t in [*self.model.parameters(), *self.model.buffers()]:
+                    if t.is_floating_point():  # upwards, so running variances stay positive
+                        t.add_(0.1 * torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype))
+            self.snapshot, self.references = Snapshot(self.model, self.x1, self.x2), {}
+            self.compare_reuse(combo, "x1, x2 after a weight update", fn(self.x1, self.x2), self.reference(False))
+        except Exception as exc:  # noqa: BLE001 - the single call computed it, so any error is a failure
+            self.fail(StaleReuse, combo, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+
+    def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, full: torch.Tensor) -> None:
+        try:
+            assert_kernel_close(kernel, reduce_full(full, combo.mode), self.dtype)
+        except AssertionError as exc:
+            self.fail(StaleReuse, combo, f"{what}: {str(exc).splitlines()[0]}")
+
+    def raise_first(self) -> None:
+        if self.failures:
+            kind, combo, detail = self.failures[0]
+            summary = [(k.__name__, c) for k, c, _ in self.failures]
+            raise kind(f"{combo}: {detail}\n({len(self.failures)} failures in all: {summary})")
+
+
+def check_model(model: nn.Module, x1: Any, x2: Any, params: list[str] | None = None, combos: Iterable[Combo] = ALL_COMBOS) -> None:
+    """Raise the first failure of any of ``combos`` on this model (all of them by default)."""
+    checker = Checker(model, x1, x2, params)
+    for combo in combos:
+        checker.check(combo)
+    checker.raise_first()
+
+
+def combos_of(methods: Iterable[str] = METHODS, modes: Iterable[str] = MODES, grams: Iterable[bool] = (True, False), chunks: Iterable[str] = CHUNKS) -> list[Combo]:
+    """The combinations of these methods, modes, x2 choices and block sizes."""
+    return [Combo(*c) for c in itertools.product(methods, modes, grams, chunks)]

@@ -1,0 +1,161 @@
+"""Minimal reproducers of what the differential fuzzer found, one named test each.
+
+Each builds a few-line model and runs the fuzzer's oracle (:func:`differential.check_model`)
+on the combinations that failed: the kernel must match the float64 reference, or the method
+must refuse with a ModelError naming one that computes it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from differential import check_model, combos_of
+
+F64 = torch.float64
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+
+
+class SharedOverPositions(nn.Module):
+    """One Linear applied twice to (N, 2, 2) sequences, then a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(torch.tanh(self.fc(x))).flatten(1))
+
+
+class ConvTwice(nn.Module):
+    """One Conv1d applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3, padding="same")
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(torch.relu(self.conv(x))).flatten(1))
+
+
+class NormWeightReused(nn.Module):
+    """A LayerNorm whose weight also scales its output directly (a use outside its rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x) * self.norm.weight)
+
+
+class TiedEmbedding(nn.Module):
+    """Per-position logits by the embedding's own weight (no padding_idx)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.embed(ids), self.embed.weight).flatten(1)
+
+
+ONE_BLOCK_CASES = {
+    "linear-twice-over-positions": (SharedOverPositions, lambda: randn(5, 2, 2)),
+    "conv-twice": (ConvTwice, lambda: randn(4, 2, 4)),
+    "layernorm-weight-reused": (NormWeightReused, lambda: randn(4, 3)),
+    "tied-embedding": (TiedEmbedding, lambda: torch.tensor([[0, 1], [2, 3], [1, 4], [0, 0]])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_BLOCK_CASES))
+def test_one_block_gram_trace_and_diagonal_of_a_parameter_used_twice(case: str) -> None:
+    """structured/auto, x2=None, all N samples in one block (chunk_size=N or None): trace and
+    diagonal were wrong for a parameter used twice or partly outside the rules (full mode,
+    x2 given and blocks smaller than N were right)."""
+    torch.manual_seed(0)
+    make_model, draw = ONE_BLOCK_CASES[case]
+    model = make_model().to(F64)
+    check_model(model, draw(), None, combos=combos_of(["structured", "auto"], ["trace", "diagonal"], [True], ["N", "default"]))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.RNN, nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+def test_recurrent_layers(cell: type[nn.RNNBase]) -> None:
+    """Every method crashed with a RuntimeError (a broadcast shape mismatch inside the RNN's
+    functional call) instead of computing the kernel or refusing with a ModelError."""
+    torch.manual_seed(0)
+    model = Recurrent(cell).to(F64)
+    check_model(model, randn(3, 2, 3), randn(2, 2, 3), combos=combos_of(modes=["full"], chunks=["default"]))
+
+
+def test_auto_does_not_pick_vp_for_weight_norm() -> None:
+    """"auto" chose vp (cheapest estimate) for a weight_norm layer, whose op has no forward-mode
+    derivative, and then refused; jacobian and structured compute the kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)), nn.Tanh(), nn.Linear(3, 2)).to(F64)
+    check_model(model, randn(3, 3), randn(2, 3), combos=combos_of(["auto"], ["full"], [False], ["default"]))
+
+
+class TiedPaddedEmbedding(nn.Module):
+    """An Embedding with padding_idx whose weight is also the output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3, padding_idx=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(self.embed(ids).mean(1)), self.embed.weight)
+
+
+def test_vp_with_padding_idx_embedding_tied_to_the_output() -> None:
+    """vp (and auto, which picks it) differed from the reference by the padding row's terms when
+    that weight is also used elsewhere (an untied padding_idx embedding was right)."""
+    torch.manual_seed(0)
+    model = TiedPaddedEmbedding().to(F64)
+    ids = torch.tensor([[0, 1], [0, 2], [3, 0]])
+    check_model(model, ids, ids[:2], combos=combos_of(["vp", "auto"], ["full"], [False], ["default"]))
+
+
+class Guarded(nn.Module):
+    """Data-dependent control flow: an overflow guard that never fires on these inputs, after a
+    Linear (structured covers fc by its rule) or after a 0-d scale (no rule: Jacobian fallback)."""
+
+    def __init__(self, scaled: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5)) if scaled else None
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x) if self.scale is None else self.scale * x
+        if bool((h.abs() > 1e6).any()):
+            h = h * 0.5
+        return self.head(h)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["after-linear", "after-scale"])
+def test_data_dependent_control_flow(scaled: bool) -> None:
+    """Every vmap-based path crashed with vmap's RuntimeError (bool() of a batched tensor): jacobian
+    and vp always, structured and auto where a parameter falls back to per-sample Jacobians;
+    a refusal must be a ModelError naming a method that computes the kernel."""
+    torch.manual_seed(0)
+    model = Guarded(scaled).to(F64)
+    check_model(model, randn(3, 3), randn(2, 3), combos=combos_of(modes=["full"], chunks=["default"]))
