@@ -12,7 +12,6 @@ of input for ``ntk_fn``); ``method="auto"`` asks :func:`vmap_failure` first, to 
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, TypeVar
 
 import torch
@@ -20,6 +19,7 @@ from torch.func import vjp, vmap
 
 from .._functional import FunctionalModel, Params
 from .._inputs import Batch, batch_size, take
+from .._process import flag, quiet_fallbacks
 
 T = TypeVar("T")
 
@@ -42,8 +42,7 @@ def vmap_failure(f: FunctionalModel, x: Batch) -> str | None:
         return pull(torch.ones_like(out))
 
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # vmap's "performance drop" notes: only whether it fails matters here
+        with torch.no_grad(), quiet_fallbacks():  # vmap's "performance drop" notes: only whether it fails matters here
             vmap(one)(x)
     except Exception as exc:  # noqa: BLE001 - any error under vmap means: not batchable
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -85,26 +84,30 @@ def looped_jacobians(f: FunctionalModel, x: Batch) -> Params:
                 row[i, a] = g
 
     for i in range(n):
-        with torch.enable_grad():
+        with torch.enable_grad():  # callers may run under no_grad; indexing the outputs must keep their graph too
             out = f(primals, take(x, i, i + 1))[0]  # (O,)
-        o = out.shape[0]
-        if not rows:
-            rows = {name: torch.zeros((n, o, *p.shape), dtype=out.dtype, device=out.device) for name, p in primals.items()}
-        if batched and o > 1:
-            basis = torch.eye(o, dtype=out.dtype, device=out.device)
-            try:  # the graph is kept should this fail part way, for the passes one by one
-                store(i, slice(None), torch.autograd.grad(out, tensors, basis, retain_graph=True, is_grads_batched=True, allow_unused=True))
-                continue
-            except RuntimeError:  # a backward op that cannot be vmapped over outputs: one by one from now on
-                batched = False
-        for a in range(o):
-            store(i, a, torch.autograd.grad(out[a], tensors, retain_graph=a + 1 < o, allow_unused=True))
+            o = out.shape[0]
+            if not rows:
+                rows = {name: torch.zeros((n, o, *p.shape), dtype=out.dtype, device=out.device) for name, p in primals.items()}
+            if batched and o > 1:
+                basis = torch.eye(o, dtype=out.dtype, device=out.device)
+                try:  # the graph is kept should this fail part way, for the passes one by one
+                    store(i, slice(None), torch.autograd.grad(out, tensors, basis, retain_graph=True, is_grads_batched=True, allow_unused=True))
+                    continue
+                except RuntimeError:  # a backward op that cannot be vmapped over outputs: one by one from now on
+                    batched = False
+            for a in range(o):
+                store(i, a, torch.autograd.grad(out[a], tensors, retain_graph=a + 1 < o, allow_unused=True))
     return rows
 
 
 def loop_overhead(samples: float, num_outputs: int) -> float:
     """FLOPs the cost model adds for :func:`looped_jacobians` on ``samples`` samples (its passes' overhead)."""
     return samples * (1 + num_outputs) * PASS_OVERHEAD_FLOPS
+
+
+ONEDNN_OFF = flag(torch._C._get_mkldnn_enabled, torch._C._set_mkldnn_enabled, False)
+"""oneDNN switched off while any thread needs PyTorch's composite kernels (a process-wide flag)."""
 
 
 def or_on_composite_kernels(run: Callable[[], T]) -> T:
@@ -114,7 +117,5 @@ def or_on_composite_kernels(run: Callable[[], T]) -> T:
     try:
         return run()
     except NotImplementedError:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # flags() also re-sets oneDNN's TF32 flag, with a deprecation note
-            with torch.backends.mkldnn.flags(enabled=False):
-                return run()
+        with ONEDNN_OFF.scope():
+            return run()
