@@ -9,7 +9,9 @@ convolutions, ``(S, E)`` sequences. Every op acts on the whole batch ``(N, *stat
 Norms never normalise a single value (LayerNorm over one feature, GroupNorm over one
 element): their output is then constant, the exact kernel of what precedes them is 0, and
 the rounding noise the reference and the methods compute instead has no scale to compare to.
-For the same reason weight_norm is applied only to layers of more than one input.
+For the same reason weight_norm is applied only to layers of more than one input, and no
+norm directly follows a scale or another norm (the norm would cancel that op's parameters
+but for its eps, leaving a kernel that float32 computes only to a few digits).
 
 Ops (first element names them; ``key`` is the ModuleDict key of an earlier op):
 
@@ -473,6 +475,8 @@ def trunk_op(draw: Callable, scope: Scope, family: str) -> Op:
         choices += ["unflatten"]
     reuse = [c for c in choices if c in REUSE]
     kind = draw(st.sampled_from(reuse)) if reuse and draw(st.booleans()) else draw(st.sampled_from(choices))
+    if kind in NORMS and scope.last in ("scale", "ln_weight", *NORMS):
+        kind = "act"
     if kind == "act":
         name = activation(draw)
         if name == "relu_" and scope.last not in ("linear", "conv", "convT"):
@@ -556,6 +560,7 @@ def first_input(draw: Callable, family: str) -> tuple:
     return ("ids", vocab, draw(st.integers(1, 4)), draw(st.one_of(st.none(), st.integers(0, vocab - 1))))
 
 
+NORMS = ("layernorm", "groupnorm", "batchnorm")
 REUSE = ("again", "tied_linear", "ln_weight", "tied_convT", "tied_out")
 """Ops that reuse an earlier module or weight: drawn half the time when one fits."""
 
