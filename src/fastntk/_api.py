@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import numbers
 from typing import Any, Iterator
 
@@ -167,24 +166,15 @@ def kernel_context(keep_memory: bool = True) -> Iterator[None]:
     """What every kernel computation runs in: torch.func's "performance drop" warnings for
     ops without a batching rule silenced in this thread (they repeat on every call and format
     source lines each time; the cost model and the methods already account for such ops;
-    :func:`fastntk._process.quiet_fallbacks`), the modules only kernels need imported, and,
+    :func:`fastntk._process.quiet_fallbacks`), and,
     with ``keep_memory`` and ``FASTNTK_KEEP_HEAP=1``, glibc's adaptive threshold raised
     (:mod:`fastntk._heap`; never by default: it outlives the call, and the budgeted Gram of
     :mod:`fastntk.scale` keeps its process near its budget). Nothing else outlives the block.
     """
     if keep_memory and keep_heap_requested():
         keep_freed_memory()
-    import_kernel_modules()
     with quiet_fallbacks():
         yield
-
-
-@functools.cache
-def import_kernel_modules() -> None:
-    """Import what torch.autograd.grad imports lazily on its first call with grad_outputs
-    (which every method makes): symbolic_shapes and sympy, a few tenths of a second. Here, at
-    the first kernel, not with the package (``import fastntk``) nor midway through a kernel."""
-    import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 
 def is_positive_int(value: object) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 import torch
-from torch.func import vjp, vmap
+from torch.func import vmap
 
 from .._functional import FunctionalModel, Params
 from .._inputs import Batch, batch_size, take
@@ -31,15 +31,17 @@ in FLOPs: the cost model charges each of the loop's N·(1 + O) passes this much.
 def vmap_failure(f: FunctionalModel, x: Batch) -> str | None:
     """Why vmap cannot batch f over the samples of x (None: it can).
 
-    Tries what the methods vmap: a forward and a reverse pass per sample, vmapped over the
-    samples of x, under no_grad as the kernel runs (one sample is enough: vmap refuses
-    ``.item()``, control flow on values and in-place writes of batched values into
-    unbatched tensors whatever the batch size). The model already ran on x unbatched, so
-    any failure here is vmap's.
+    Runs the forward pass vmapped over the samples of x, under no_grad as the kernel runs:
+    that is where vmap refuses recurrent layers (no batching rule), ``.item()``, control
+    flow on values and in-place writes of batched values into unbatched tensors, whatever
+    the batch size (one sample is enough). The reverse pass is not tried: ``torch.func``'s
+    would import ``torch._dynamo`` (most of a second) in every process that costs the
+    methods; a model whose backward alone cannot be vmapped is found by
+    :func:`vmapped_or_looped` on its first block instead. The model already ran on x
+    unbatched, so any failure here is vmap's.
     """
-    def one(xn: Batch) -> Params:
-        out, pull = vjp(lambda p: f.single(p, xn), f.primals)
-        return pull(torch.ones_like(out))
+    def one(xn: Batch) -> torch.Tensor:
+        return f.single(f.primals, xn)
 
     try:
         with torch.no_grad(), quiet_fallbacks():  # vmap's "performance drop" notes: only whether it fails matters here

@@ -43,7 +43,8 @@ def projected_gradients(f: FunctionalModel, x: Batch, directions: torch.Tensor) 
     with torch.enable_grad():
         outputs = f(primals, x)
         per_direction = [
-            torch.autograd.grad(outputs, list(primals.values()), direction, retain_graph=c < len(directions) - 1, allow_unused=True)
+            # a scalar objective, not grad_outputs: torch's first grad_outputs import sympy (a few tenths of a second)
+            torch.autograd.grad((outputs * direction).sum(), list(primals.values()), retain_graph=c < len(directions) - 1, allow_unused=True)
             for c, direction in enumerate(directions)
         ]
     return {name: [g[i] for g in per_direction] for i, name in enumerate(primals)}
