@@ -103,7 +103,8 @@ class CumMax(nn.Module):
 
 
 class RaisesMidway(nn.Module):
-    """An MLP whose forward raises on its ``raise_at``-th call (None: never); counts calls."""
+    """An MLP whose forward raises from its ``raise_at``-th call on (None: never); counts calls.
+    It stays broken, so that no retry (the per-sample loop after a failed vmap) gets past it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,7 +113,7 @@ class RaisesMidway(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.calls == self.raise_at:
+        if self.raise_at is not None and self.calls >= self.raise_at:
             raise RuntimeError("the model failed")
         return self.net(x)
 
@@ -221,7 +222,7 @@ def test_a_call_that_fails_midway_leaves_the_process_as_it_found_it(method: str)
         before = snapshot()
         with pytest.raises(RuntimeError, match="the model failed"):
             run()
-        assert model.calls == total // 2 + 1, name
+        assert model.calls >= total // 2 + 1, name
         assert_unchanged(before)
 
 
@@ -324,12 +325,17 @@ def test_import_and_help_load_no_kernel_modules(code: str) -> None:
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
 
 
-def test_the_first_kernel_imports_them() -> None:
+def test_a_chain_kernel_imports_none_of_them() -> None:
+    """Regression: the vmap probe's reverse pass imported torch._dynamo and the check's
+    grad_outputs sympy, in the first call of every model (the benchmark's MLP and CNN)."""
     probe = ("import sys, torch, fastntk\n"
-             "fastntk.ntk(torch.nn.Linear(3, 2), torch.randn(4, 3))\n"
-             "print('sympy' in sys.modules)")
+             "net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))\n"
+             "for mode in ('full', 'trace', 'diagonal'):\n"
+             "    fastntk.ntk(net, torch.randn(4, 3), mode=mode)\n"
+             "    fastntk.ntk(net, torch.randn(4, 3), torch.randn(3, 3), mode=mode)\n"
+             f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert done.stdout.split()[-1] == "True"
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
 
 
 def interleave(first: Callable[[], Any], second: Callable[[], Any]) -> None:
