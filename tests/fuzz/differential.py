@@ -43,7 +43,12 @@ class Combo:
         return {"1": 1, "2": 2, "N": n1, "default": None}[self.chunk]
 
 
-ALL_COMBOS = [Combo(*c) for c in itertools.product(METHODS, MODES, (True, False), CHUNKS)]
+def combos_of(methods: Iterable[str] = METHODS, modes: Iterable[str] = MODES, grams: Iterable[bool] = (True, False), chunks: Iterable[str] = CHUNKS) -> list[Combo]:
+    """The combinations of these methods, modes, x2 choices and block sizes."""
+    return [Combo(*c) for c in itertools.product(methods, modes, grams, chunks)]
+
+
+ALL_COMBOS = combos_of()
 
 
 class FuzzFailure(AssertionError):
@@ -225,7 +230,3 @@ def check_model(model: nn.Module, x1: Any, x2: Any, params: list[str] | None = N
         checker.check(combo)
     checker.raise_first()
 
-
-def combos_of(methods: Iterable[str] = METHODS, modes: Iterable[str] = MODES, grams: Iterable[bool] = (True, False), chunks: Iterable[str] = CHUNKS) -> list[Combo]:
-    """The combinations of these methods, modes, x2 choices and block sizes."""
-    return [Combo(*c) for c in itertools.product(methods, modes, grams, chunks)]

@@ -37,7 +37,7 @@ outputs: "linear", "identity", "scalar" (N,), "multidim" (N, 2, O), "tuple", "di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -351,14 +351,11 @@ class Scope:
     mods: nn.ModuleDict
     counter: int = 0
     last: str = ""
-    linears: list = None  # (key, in, out)
-    convs: list = None  # (key, d, cin, cout)
-    norms: list = None  # (key, dim)
-    square: list = None  # (key, state): modules mapping a state to itself
-    embeddings: list = None  # (key, dim)
-
-    def __post_init__(self) -> None:
-        self.linears, self.convs, self.norms, self.square, self.embeddings = [], [], [], [], []
+    linears: list[tuple[str, int, int]] = field(default_factory=list)  # (key, in, out)
+    convs: list[tuple[str, int, int, int]] = field(default_factory=list)  # (key, d, cin, cout)
+    norms: list[tuple[str, int]] = field(default_factory=list)  # (key, dim)
+    square: list[tuple[str, State]] = field(default_factory=list)  # (key, state): modules mapping a state to itself
+    embeddings: list[tuple[str, int]] = field(default_factory=list)  # (key, dim)
 
     def push(self, op: Op) -> Op:
         """Record ``op`` as the next top-level op (validated by building it: one invalid for
