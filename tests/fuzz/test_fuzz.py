@@ -5,7 +5,7 @@ of the (method, mode, x2, chunk_size) combinations; :mod:`differential` checks e
 and one reused ``ntk_fn`` across inputs and a weight update.
 
 Environment (``make fuzz`` sets the long run):
-    FASTNTK_FUZZ_EXAMPLES   examples per family (default 6: the CI budget)
+    FASTNTK_FUZZ_EXAMPLES   examples per family (default 40: the CI budget, about half a minute)
     FASTNTK_FUZZ_FAMILIES   comma-separated families to run (default: all of grammar.FAMILIES)
     FASTNTK_FUZZ_COMBOS     combinations per example, or "all" (default 6)
     FASTNTK_FUZZ_LOG        a JSON-lines file: record every failure there and go on (no shrinking)
@@ -28,7 +28,7 @@ from conftest import DTYPES
 from differential import ALL_COMBOS, Checker, Combo
 from grammar import FAMILIES, Spec, build, draw_inputs, selection, specs
 
-EXAMPLES = int(os.environ.get("FASTNTK_FUZZ_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("FASTNTK_FUZZ_EXAMPLES", "40"))
 FAMILY_SELECTION = [f for f in os.environ.get("FASTNTK_FUZZ_FAMILIES", ",".join(FAMILIES)).split(",") if f]
 COMBOS = os.environ.get("FASTNTK_FUZZ_COMBOS", "6")
 LOG = os.environ.get("FASTNTK_FUZZ_LOG")
