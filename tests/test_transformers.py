@@ -27,10 +27,10 @@ def bert() -> nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
-def gpt2_config() -> "transformers.GPT2Config":
+def gpt2_config(tied: bool = False) -> "transformers.GPT2Config":
     return transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=LENGTH, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=2, tie_word_embeddings=False,
+        pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=2, tie_word_embeddings=tied,
     )
 
 
@@ -61,6 +61,9 @@ def images(n: int, seed: int) -> torch.Tensor:
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], object]]] = {
     "bert_masked": (bert, masked_tokens),
     "gpt2_lm_head": (lambda: transformers.GPT2LMHeadModel(gpt2_config()), tokens),
+    # the output projection is the token embedding: one parameter used by two ops (the
+    # structured one-block Gram once counted its streamed share twice)
+    "gpt2_lm_head_tied": (lambda: transformers.GPT2LMHeadModel(gpt2_config(tied=True)), tokens),
     "gpt2_classifier": (lambda: transformers.GPT2ForSequenceClassification(gpt2_config()), tokens),
     "vit": (vit, images),
 }

@@ -145,13 +145,28 @@ def make_plan(
         GroupCost((name,), "fallback", pairs * jacobian_pair_flops(mode, num_outputs, f.primals[name].numel()))
         for name in layout.fallback
     ]
-    unusable = {name: reason for name, m in methods.items() if (reason := m.unsupported(x1))}
-    over = {name: reason for name, m in methods.items() if block is None and (reason := over_budget(m, budget))}
-    if len(unusable.keys() | over.keys()) < len(methods):  # else the cheapest one says what it needs
-        unusable.update(over)
-    usable = [name for name in flops if name not in unusable]
+    chosen, unusable = cheapest_usable(methods, flops, x1, None if block is not None else budget)
     plan = Plan(
         n1, n2, num_outputs, f.num_params, mode, fp, flops,
-        {name: m.bytes_per_sample() for name, m in methods.items()}, groups, min(usable, key=flops.get), unusable,
+        {name: m.bytes_per_sample() for name, m in methods.items()}, groups, chosen, unusable,
     )
     return plan, methods
+
+
+def cheapest_usable(
+    methods: dict[str, KernelMethod], flops: dict[str, float], x: Batch, budget: int | None
+) -> tuple[str, dict[str, str]]:
+    """The cheapest of ``methods`` by ``flops`` that can compute the model on samples like x
+    and, with a ``budget``, whose factors of one sample fit it; and why each method ruled out
+    was. Methods are asked in order of cost and only until one can (vp's answer costs a
+    forward-mode pass); should none fit the budget, the cheapest that can compute the model
+    is returned, and the engine's refusal then says what it needs."""
+    over = {name: reason for name, m in methods.items() if budget is not None and (reason := over_budget(m, budget))}
+    unusable: dict[str, str] = {}
+    for name in sorted(flops, key=flops.__getitem__):
+        reason = methods[name].unsupported(x)
+        if reason is not None:
+            unusable[name] = reason
+        elif name not in over:
+            return name, {**over, **unusable}
+    return min((n for n in flops if n not in unusable), key=flops.__getitem__), unusable

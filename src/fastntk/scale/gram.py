@@ -36,7 +36,7 @@ from .._functional import FunctionalModel, ParamSelection
 from .._inputs import Batch, all_finite, batch_size, check_finite, first_samples, leaves
 from .._modes import block_shape, transpose_block
 from ..methods import METHODS, KernelMethod
-from ..plan import estimate, make_plan
+from ..plan import cheapest_usable, estimate, make_plan
 from . import store
 from .budget import block_for_budget, format_bytes, parse_memory, working_bytes
 from .data import DatasetSource, Select, Source, as_source
@@ -431,7 +431,7 @@ def choose(problem: Problem, block_size: int | None, working: int) -> dict[str, 
         flops = {
             n: estimate(m, problem.n1, None if problem.symmetric else problem.n2, plan.forward_flops, working) for n, m in methods.items()
         }
-        name = min((n for n in flops if n not in plan.unusable), key=flops.get)  # type: ignore[arg-type]
+        name, _ = cheapest_usable(methods, flops, problem.probe1, working)
         log.info("method auto: estimated GFLOP %s -> %s", {n: round(v / 1e9, 3) for n, v in flops.items()}, name)
     kernel = build_method(problem, name)
     # The largest block that fits: what a block's working set holds (its row factors) is what
