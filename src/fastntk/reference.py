@@ -16,16 +16,17 @@ from ._inputs import Batch, batch_size, call_model, map_leaves, take
 from ._modes import MODES, reduce_full
 
 
-def reference_jacobian(model: nn.Module, x: Batch, params: ParamSelection = None) -> torch.Tensor:
+def reference_jacobian(model: nn.Module, x: Batch, params: ParamSelection = None, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """J (N, O, P): row (n, a) is ∂ output a of sample n / ∂θ, θ the selected parameters flattened in order.
 
-    Computed in float64 on a deep copy of the model, one sample and one output at a time.
+    Computed in ``dtype`` (float64 by default) on a deep copy of the model, one sample and
+    one output at a time.
     """
-    model64 = copy.deepcopy(model).to(torch.float64)
+    model64 = copy.deepcopy(model).to(dtype)
     names = select_parameters(model64, params)
     named = dict(model64.named_parameters())
     theta = [named[name].requires_grad_(True) for name in names]  # a copy: frozen ones may be selected
-    x64 = map_leaves(lambda t: t.to(torch.float64) if t.is_floating_point() else t, x)
+    x64 = map_leaves(lambda t: t.to(dtype) if t.is_floating_point() else t, x)
     rows = []
     for n in range(batch_size(x64)):
         out = flatten_output(call_model(model64, take(x64, n, n + 1)), 1)[0]
@@ -40,11 +41,14 @@ def reference_jacobian(model: nn.Module, x: Batch, params: ParamSelection = None
 
 
 def reference_ntk(
-    model: nn.Module, x1: Batch, x2: Batch | None = None, *, mode: str = "full", params: ParamSelection = None
+    model: nn.Module, x1: Batch, x2: Batch | None = None, *, mode: str = "full", params: ParamSelection = None,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """The float64 eNTK by brute force, shaped like :func:`fastntk.ntk`'s result."""
-    j1 = reference_jacobian(model, x1, params)
-    j2 = j1 if x2 is None else reference_jacobian(model, x2, params)
+    """The eNTK by brute force, in ``dtype`` (float64 by default: the reference the tests hold
+    every method to; the model's own dtype measures how much its rounding alone moves the
+    kernel), shaped like :func:`fastntk.ntk`'s result."""
+    j1 = reference_jacobian(model, x1, params, dtype=dtype)
+    j2 = j1 if x2 is None else reference_jacobian(model, x2, params, dtype=dtype)
     full = torch.einsum("nap,mbp->nmab", j1, j2)
     if mode in MODES:
         return reduce_full(full, mode)
