@@ -166,7 +166,8 @@ def test_float32_rounding_of_an_ill_conditioned_model_is_not_a_wrong_kernel() ->
     one token's kernel of 2e-3 — every method, jacobian included, is 8e-5 off the float64
     kernel in float32 (500 ulps of max|K| is 6e-5), because the float32 forward pass itself
     moves it that much. The oracle allows ROUNDING_FACTOR times what the brute-force
-    reference in float32 is off, and still refuses a kernel off by more than that."""
+    reference in float32 is off (scaled to the dtype's eps), and still refuses a kernel off
+    by more than that."""
     from differential import ROUNDING_FACTOR, Checker
     from grammar import Spec, build, draw_inputs, selection
 
