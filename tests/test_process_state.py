@@ -326,13 +326,17 @@ def test_import_and_help_load_no_kernel_modules(code: str) -> None:
 
 
 def test_a_chain_kernel_imports_none_of_them() -> None:
-    """Regression: the vmap probe's reverse pass imported torch._dynamo and the check's
-    grad_outputs sympy, in the first call of every model (the benchmark's MLP and CNN)."""
+    """Regression: the vmap probe's reverse pass imported torch._dynamo, and the check's and
+    the pooling adjoint's grad_outputs sympy, in the first call of chain models (the
+    benchmark's MLP and CNN, a CNN with global average pooling)."""
     probe = ("import sys, torch, fastntk\n"
-             "net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))\n"
-             "for mode in ('full', 'trace', 'diagonal'):\n"
-             "    fastntk.ntk(net, torch.randn(4, 3), mode=mode)\n"
-             "    fastntk.ntk(net, torch.randn(4, 3), torch.randn(3, 3), mode=mode)\n"
+             "nn = torch.nn\n"
+             "mlp = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))\n"
+             "cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+             "for net, shape in ((mlp, (3,)), (cnn, (1, 6, 6))):\n"
+             "    for mode in ('full', 'trace', 'diagonal'):\n"
+             "        fastntk.ntk(net, torch.randn(4, *shape), mode=mode)\n"
+             "        fastntk.ntk(net, torch.randn(4, *shape), torch.randn(3, *shape), mode=mode)\n"
              f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -121,11 +121,12 @@ class Step:
     def adjoint(self, g: torch.Tensor, sample_shape: tuple[int, ...]) -> torch.Tensor:
         """The cotangents of an affine map's input from those of its output g (B, ...): its
         vector-Jacobian product, taken at zeros (the map's linear part is the same everywhere;
-        plain autograd: torch.func's first use in a process imports torch._dynamo, ~0.6 s)."""
+        plain autograd: torch.func's first use in a process imports torch._dynamo, ~0.6 s; and
+        of a scalar: torch's first ``grad_outputs`` imports sympy, ~0.3 s)."""
         assert self.affine is not None
         with torch.enable_grad():
             zeros = g.new_zeros((), requires_grad=True).expand(g.shape[0], *sample_shape)
-            return torch.autograd.grad(self.affine(zeros), zeros, g)[0]
+            return torch.autograd.grad(torch.vdot(self.affine(zeros).reshape(-1), g.reshape(-1)), zeros)[0]
 
     def intact(self) -> bool:
         """Whether what the backward pass reads (an activation's output or input) is unchanged."""
