@@ -168,3 +168,42 @@ def test_check_catches_a_stream_that_contracts_uses_apart(name: str, monkeypatch
     shared = {p for p, _ in model.named_parameters() if p.startswith(name.split("_")[0])}
     assert shared <= set(method.fallback)
     assert method.kept is None
+
+
+class ManyOutputs(SmallBranch):
+    """SmallBranch with O = 40 outputs: more than the check's CHECKED_OUTPUTS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head, self.tiny = nn.Linear(8, 40), nn.Linear(5, 40)
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_check_with_many_outputs_projects_instead_of_forming_o_by_o_blocks(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (review): the check formed each group's (k, k, O, O) contraction, O² times
+    a group's parameters, even in trace mode (a Linear(32, 8000) head: 5 s -> 29 s). It now
+    projects the factors on its directions; a corrupted group is still caught, and the
+    kernel is exact."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ManyOutputs().double()
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_kernel_close(fastntk.ntk(model, x, mode=mode, method="structured"), fastntk.reference_ntk(model, x, mode=mode), torch.float64)
+    f = FunctionalModel.build(model)
+    corrupted = ("tiny.weight", "tiny.bias")
+    original = StructuredMethod.use_factors
+
+    def one_output_doubled(self, use, cotangents, roles, num_outputs):  # noqa: ANN001, ANN202
+        factors = original(self, use, cotangents, roles, num_outputs)
+        if corrupted in factors:
+            factor = factors[corrupted]
+            assert isinstance(factor, PairFactor)
+            g = factor.cotangents.clone()
+            g[:, 37] *= 2  # one output of forty
+            factors[corrupted] = PairFactor(factor.keys, g, factor.kind, factor.plus_one, factor.sample_major)
+        return factors
+
+    monkeypatch.setattr(StructuredMethod, "use_factors", one_output_doubled)
+    method = StructuredMethod(f, mode, 40)
+    method.calibrate(x)
+    assert method.fallback == sorted(corrupted)

@@ -58,6 +58,15 @@ class JacobianFactor:
         """The factor of the first k samples."""
         return JacobianFactor(self.jacobian[:k])
 
+    def outputs(self, index: torch.Tensor) -> "JacobianFactor":
+        """The factor of the outputs ``index`` only."""
+        return JacobianFactor(self.jacobian[:, index])
+
+    def projected(self, directions: torch.Tensor) -> "JacobianFactor":
+        """One pseudo-sample whose m outputs are Σ_{n,a} directions[c, n, a] J[n, a]: its full
+        contraction with itself is R F Rᵀ (m, m), F this factor's (directions (m, N, O))."""
+        return JacobianFactor(torch.einsum("cna,nap->cp", directions, self.jacobian)[None])
+
     @staticmethod
     def stack_outputs(parts: list["JacobianFactor"]) -> "JacobianFactor":
         """The factor of all outputs from factors of consecutive output slices."""
@@ -140,6 +149,19 @@ class PairFactor:
         """The factor of the first k samples."""
         return PairFactor(self.keys[:k], self.cotangents[:k], self.kind, self.plus_one, self.sample_major)
 
+    def outputs(self, index: torch.Tensor) -> "PairFactor":
+        """The factor of the outputs ``index`` only."""
+        return PairFactor(self.keys, self.cotangents[:, index], self.kind, self.plus_one, self.sample_major)
+
+    def projected(self, directions: torch.Tensor) -> "PairFactor":
+        """One pseudo-sample whose positions are every sample's, with the cotangents of its m
+        outputs Σ_a directions[c, n, a] g[n, a] at sample n's: its full contraction with itself
+        is R F Rᵀ (m, m), F this factor's (the contraction is bilinear in the cotangents)."""
+        n, _, s, e = self.cotangents.shape
+        keys = self.keys.reshape(1, n * s, *self.keys.shape[2:])
+        cotangents = torch.einsum("cna,nase->cnse", directions, self.cotangents).reshape(1, -1, n * s, e)
+        return PairFactor(keys, cotangents, self.kind, self.plus_one)
+
     def contract(self, other: "Factor", mode: Mode) -> torch.Tensor:
         other = as_pair(other)
         assert isinstance(other, PairFactor)
@@ -195,6 +217,14 @@ class RowsPairFactor:
     def head(self, k: int) -> "RowsPairFactor":
         """The factor of the first k samples (the rows are common to all)."""
         return RowsPairFactor(self.keys[:k], self.derivative[:k], self.rows, self.plus_one)
+
+    def outputs(self, index: torch.Tensor) -> "RowsPairFactor":
+        """The factor of the outputs ``index`` only."""
+        return RowsPairFactor(self.keys, self.derivative, self.rows[index], self.plus_one)
+
+    def projected(self, directions: torch.Tensor) -> PairFactor:
+        """See :meth:`PairFactor.projected`."""
+        return self.materialized().projected(directions)
 
     @staticmethod
     def stack_outputs(parts: list["RowsPairFactor"]) -> "RowsPairFactor":
