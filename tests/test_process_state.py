@@ -419,3 +419,24 @@ def test_silenced_only_in_the_calling_thread() -> None:
         done.set()
         thread.join()
     assert [w for w in caught if _process.FALLBACK_WARNING in str(w.message)]
+
+
+class CallsFastntk(nn.Module):
+    """A model whose forward computes a kernel of another model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.other = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fastntk.ntk(self.other, torch.ones(2, 3), method="vp")
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fastntk_inside_a_models_forward_is_refused(method: str) -> None:
+    """Regression (review): a model whose forward called fastntk held its module lock while
+    the inner call waited for forward-mode AD's, which another thread held while waiting for
+    that module: a deadlock. Nested calls are refused, naming the cause."""
+    with pytest.raises(fastntk.ModelError, match="inside the forward pass"):
+        fastntk.ntk(seeded(CallsFastntk), torch.randn(3, 3), method=method)

@@ -159,13 +159,34 @@ def _module_lock(module: Any) -> threading.RLock:
 _UNKEYED = threading.RLock()
 
 
+_IN_MODEL = threading.local()
+"""``depth``: how many modules this thread holds (see :func:`using_module`)."""
+
+
 @contextlib.contextmanager
 def using_module(module: Any) -> Iterator[None]:
     """Hold ``module`` and its submodules for this thread: ``torch.func.functional_call``
     swaps a module's tensors in place while it runs, so two threads must not run it (or read
     the module's parameters) on a shared module at once. The locks of every submodule are
-    taken in one order (their ids), so overlapping module trees cannot deadlock."""
+    taken in one order (their ids), so overlapping module trees cannot deadlock; and no
+    thread takes them while it holds others (a model whose forward calls fastntk), since
+    locks taken one inside another, in two threads, can.
+
+    Raises:
+        ModelError: fastntk was called from inside a model's forward pass.
+    """
+    if getattr(_IN_MODEL, "depth", 0):
+        from ._errors import ModelError
+
+        raise ModelError(
+            "fastntk was called from inside the forward pass of a model it is computing a kernel of "
+            "(a model or hook that calls fastntk): compute the inner kernel outside the model's forward"
+        )
     with contextlib.ExitStack() as stack:
         for lock in sorted({_module_lock(m) for m in module.modules()}, key=id):
             stack.enter_context(lock)
-        yield
+        _IN_MODEL.depth = 1
+        try:
+            yield
+        finally:
+            _IN_MODEL.depth = 0
