@@ -36,6 +36,7 @@ from .._functional import FunctionalModel, ParamSelection
 from .._inputs import Batch, all_finite, batch_size, check_finite, first_samples, leaves
 from .._modes import block_shape, transpose_block
 from ..methods import METHODS, KernelMethod
+from ..methods.per_sample import vmap_failure
 from ..plan import cheapest_usable, estimate, make_plan
 from . import store
 from .budget import block_for_budget, format_bytes, parse_memory, working_bytes
@@ -427,7 +428,9 @@ def choose(problem: Problem, block_size: int | None, working: int) -> dict[str, 
     """The plan of a fresh run: the method (auto: cheapest estimate at N1, N2) and the block size."""
     name = problem.fn.method
     if name == "auto":
-        plan, methods = make_plan(problem.f, problem.probe1, problem.probe2, problem.fn.mode, problem.num_outputs, working)
+        with kernel_context(keep_memory=False):
+            problem.f.batchable = vmap_failure(problem.f, first_samples(problem.probe1, problem.probe2, 1)) is None  # as ntk's auto: the costs differ when looped
+            plan, methods = make_plan(problem.f, problem.probe1, problem.probe2, problem.fn.mode, problem.num_outputs, working)
         flops = {
             n: estimate(m, problem.n1, None if problem.symmetric else problem.n2, plan.forward_flops, working) for n, m in methods.items()
         }
@@ -587,7 +590,6 @@ def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block:
         if problem.fn.mean:
             value = value / problem.num_outputs
         if problem.check and not all_finite(value):
-            problem.f.check_finite_params()
             bad = (~torch.isfinite(value)).nonzero()[0]
             raise NonFiniteError(
                 f"the kernel contains NaN or inf (first at pair data1[{b.rows[0] + int(bad[0])}], "

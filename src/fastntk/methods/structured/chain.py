@@ -10,8 +10,8 @@ no autograd graph in the forward pass, no batched autograd in the backward.
 Between the outputs and the last activation the cotangents are the same for every sample:
 they are computed once, for k rows (a dense output layer's are its weight rows), and
 broadcast over the samples. Anything else (a residual branch, a normalisation, an op
-without a rule here) leaves the model to autograd; the calibration's gradient check covers
-this path like the other one.
+without a rule here) leaves the model to autograd; the calibration's check (:mod:`.check`)
+covers this path like the other one.
 """
 
 from __future__ import annotations
