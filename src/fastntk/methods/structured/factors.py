@@ -262,6 +262,13 @@ class FactorShape:
             return jacobian_pair_flops(mode, num_outputs, self.size)
         return pair_contraction_flops(mode, self.positions, self.size, num_outputs, self.e)
 
+    def nbytes(self, n: int, num_outputs: int, itemsize: int) -> int:
+        """Bytes of the factor of n samples (indices as int64)."""
+        if self.kind == "jacobian":
+            return n * num_outputs * self.size * itemsize
+        keys = n * self.positions * self.size * (8 if self.key_kind == "index" else itemsize)
+        return keys + n * num_outputs * self.positions * self.e * itemsize
+
     def merge(self, other: "FactorShape") -> "FactorShape | None":
         """Two uses of one group (as ``merge``: Jacobians add, positions concatenate), or None
         where they cannot be combined."""

@@ -181,10 +181,10 @@ class StructuredMethod(KernelMethod):
         """Estimate the bytes per sample and the layout from one forward pass on a few samples
         (no backward pass, no kernel, no check); done once per method.
 
-        Each covered use's rule sizes its factors from shapes (``Rule.factor_bytes``); one
+        Each covered use's rule gives its factors' shapes (``Rule.factor_shapes``); one
         output's cotangents come on top, and the Jacobian rows of the parameters no rule
-        covers. The factors' kinds and contraction FLOPs (``estimated``) come from the rules
-        run on shapes alone (meta tensors: no arithmetic). A chain model (:mod:`.chain`) whose
+        covers. The factors' kinds and contraction FLOPs (``estimated``) come from the same
+        shapes (no arithmetic). A chain model (:mod:`.chain`) whose
         factors include compact ones in trace mode (``RowsPairFactor``) has its factors of
         these few samples computed instead, no autograd needed. Calibration can still send
         groups to the fallback (its check); the engine then re-sizes its blocks.
@@ -199,18 +199,13 @@ class StructuredMethod(KernelMethod):
             total = sum(f.nbytes() for f in factors.values())
             costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in factors.items()}
         else:
-            total = sum(  # for all n samples
-                use.rule.factor_bytes(use.saved, use.output, part, sizes, self.mode, o)
+            per_use = [
+                {g: shape for part in roles for g, shape in use.rule.factor_shapes(use.saved, use.output, part, sizes, self.mode, o).items()}
                 for use, roles in zip(observed.uses, roles_by_use(observed.uses))
-                for part in roles
-            )
-            shapes, conflicts = merge_uses(
-                [
-                    {g: shape for part in roles for g, shape in use.rule.factor_shapes(use.saved, use.output, part, sizes, self.mode, o).items()}
-                    for use, roles in zip(observed.uses, roles_by_use(observed.uses))
-                ],
-                FactorShape.merge,
-            )
+            ]
+            itemsize = observed.outputs.element_size()
+            total = sum(shape.nbytes(n, o, itemsize) for shapes in per_use for shape in shapes.values())  # for all n samples
+            shapes, conflicts = merge_uses(per_use, FactorShape.merge)
             costs = {group: (shape.kind, shape.pair_flops(self.mode, o)) for group, shape in shapes.items()}
         fallback = sorted(observed.unstructured & set(self.f.primals))
         self.size_estimate = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)

@@ -51,16 +51,9 @@ class Rule(ABC):
     def save(self, call: dict[str, Any], output: torch.Tensor) -> Saved:
         """What the factors need, detached (the tensors are checked for later in-place changes)."""
 
-    def factor_bytes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> int:
-        """Bytes of ``factors`` for all O outputs and the samples of ``output``, from shapes alone.
-
-        By default each group keeps its per-sample Jacobian: N·O·(its parameters' sizes).
-        """
-        n = output.shape[0]
-        return sum(n * num_outputs * sum(sizes[name] for name in group) for group in self.groups(roles)) * output.element_size()
-
     def factor_shapes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> dict[tuple[str, ...], FactorShape]:
-        """What ``factors`` would return, as shapes (for the cost model, before any backward pass).
+        """What ``factors`` would return, as shapes (for the cost model and the block sizes, before
+        any backward pass).
 
         By default each group keeps its per-sample Jacobian.
         """

@@ -28,10 +28,6 @@ class EmbeddingRule(Rule):
             padding += call["weight"].shape[0]
         return {"indices": indices.reshape(indices.shape[0], -1), "padding": padding}
 
-    def factor_bytes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> int:
-        indices = saved["indices"]  # and the cotangents at every position
-        return indices.numel() * indices.element_size() + num_outputs * output.numel() * output.element_size()
-
     def factor_shapes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> dict[tuple[str, ...], FactorShape]:
         positions = saved["indices"].shape[1]
         return {(roles["weight"],): FactorShape("pair", 1, positions, output[0].numel() // positions, key_kind="index")}

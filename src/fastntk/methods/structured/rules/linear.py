@@ -55,14 +55,6 @@ class LinearRule(Rule):
         x = call["input"]
         return {"keys": x.detach().reshape(x.shape[0], -1, x.shape[-1])}
 
-    def factor_bytes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> int:
-        keys = saved["keys"]
-        n, s, d = keys.shape
-        e = output.shape[-1]
-        if "weight" in roles and pair_is_cheaper(s, d, e, num_outputs, mode):  # keys and cotangents
-            return keys.numel() * keys.element_size() + n * num_outputs * s * e * output.element_size()
-        return super().factor_bytes(saved, output, roles, sizes, mode, num_outputs)
-
     def factor_shapes(self, saved: Saved, output: torch.Tensor, roles: Roles, sizes: Mapping[str, int], mode: Mode, num_outputs: int) -> dict[tuple[str, ...], FactorShape]:
         _, s, d = saved["keys"].shape
         e = output.shape[-1]
