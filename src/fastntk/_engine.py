@@ -29,8 +29,8 @@ def block_size_for(method: KernelMethod, budget: int = DEFAULT_MEMORY_BUDGET) ->
 
 def over_budget(method: KernelMethod, budget: int) -> str | None:
     """Why ``method`` cannot keep within ``budget`` bytes (None: it can). Blocks shrink to one
-    sample, no further: a left and a right factor of one sample each must fit."""
-    need = 2 * method.bytes_per_sample()
+    sample, no further: the factors of one sample of each side that holds them must fit."""
+    need = method.sides_with_factors * method.bytes_per_sample()
     if need <= budget:
         return None
     return (

@@ -24,6 +24,8 @@ class KernelMethod(ABC):
 
     name: str = ""
     symmetric_factors: bool = True
+    sides_with_factors: int = 2
+    """Sides whose blocks hold ``bytes_per_sample`` each (vp's left side is its inputs)."""
     calibration: Any = None
     """What ``calibrate`` learned; reusable by later calls on inputs of the same kind."""
     kept: Any = None

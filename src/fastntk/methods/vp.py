@@ -45,6 +45,7 @@ class VPMethod(KernelMethod):
 
     name = "vp"
     symmetric_factors = False
+    sides_with_factors = 1  # x1's blocks are their inputs: only x2's hold Jacobians
 
     def left(self, x: Batch) -> Batch:
         return x
