@@ -104,6 +104,17 @@ def test_float32_lstm_matches_reference(name: str, method: str, mode: str) -> No
     assert torch.backends.mkldnn.enabled  # vp ran the LSTM without oneDNN, and restored it
 
 
+def test_vp_counts_as_usable_for_a_float32_lstm() -> None:
+    """Regression (review): vp's capability probe ran forward mode on oneDNN's fused LSTM
+    only, so a float32 LSTM was ruled out for auto although vp computes it (on composite
+    kernels, as its contraction does)."""
+    from fastntk.methods.vp import VPMethod
+
+    model, x = build("lstm_bidirectional_last").float(), draw(4, 1).float()
+    assert VPMethod(FunctionalModel.build(model), "full", 2).unsupported(x) is None
+    assert torch.backends.mkldnn.enabled
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_probe_names_why_vmap_fails(name: str) -> None:
     f = FunctionalModel.build(build(name))

@@ -52,11 +52,12 @@ class VPMethod(KernelMethod):
 
     def unsupported(self, x: Batch) -> str | None:
         """Why forward mode cannot differentiate the model (an op without a forward-mode
-        rule, e.g. weight_norm or EmbeddingBag), found by one pass on the first sample."""
+        rule, e.g. weight_norm or EmbeddingBag), found by one pass on the first sample, run
+        as :meth:`contract` runs it (on composite kernels where oneDNN's fused ones lack it)."""
         f, sample = self.f, take(x, 0, 1)
         with forward_mode_kernels():
             try:
-                jvp(lambda p: f(p, sample), (f.primals,), (f.primals,))
+                or_on_composite_kernels(lambda: jvp(lambda p: f(p, sample), (f.primals,), (f.primals,)))
             except NotImplementedError as exc:
                 return f"forward-mode AD is missing for an operation of this model ({str(exc).splitlines()[0]})"
         return None
