@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import fastntk
+from fastntk.blocks.budget import INPUT_COPIES, OUTPUT_COPIES
 from conftest import RTOL64, assert_rel_close
 
 # Tolerance of float64 results that must agree up to rounding (exact algebra, different summation order).
@@ -403,7 +404,7 @@ def wide_output_mlp() -> nn.Sequential:
 
 @pytest.mark.parametrize("method", ["jacobian", "vp"])
 def test_a_budget_below_one_sample_is_refused_before_any_work(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # regression: memory_budget=1 MiB with O=5000 peaked at gigabytes without a word
+    # regression: max_memory=1 MiB with O=5000 peaked at gigabytes without a word
     from fastntk.methods import jacobian, vp
 
     def no_factors(*_):  # noqa: ANN002, ANN202
@@ -413,17 +414,22 @@ def test_a_budget_below_one_sample_is_refused_before_any_work(method: str, monke
     monkeypatch.setattr(vp, "per_sample_jacobians", no_factors)
     model, x = wide_output_mlp(), torch.randn(4, 3, dtype=torch.float64)
     sides = {"jacobian": 2, "vp": 1}[method]  # vp's x1 blocks are inputs, its x2 blocks Jacobians
-    need = sides * fastntk.plan(model, x).bytes_per_sample[method]
-    with pytest.raises(fastntk.OptionError, match=rf"method '{method}' keeps.*O=40 outputs.*memory_budget={need} or more"):
-        fastntk.ntk(model, x, method=method, memory_budget=need - 1)
+    pair, sample = 40 * 40 * 8, 3 * 8  # bytes of one pair's (O, O) block, of one sample's inputs
+    result = 4 * 4 * pair  # held in memory, within max_memory
+    need = sides * fastntk.plan(model, x).bytes_per_sample[method] + INPUT_COPIES * sample + OUTPUT_COPIES * pair + result
+    with pytest.raises(fastntk.OptionError, match=rf"method '{method}' \(O=40.*max_memory={need} or more"):
+        fastntk.ntk(model, x, method=method, max_memory=need - 1)
     monkeypatch.undo()
-    assert_rel_close(fastntk.ntk(model, x, method=method, memory_budget=need), fastntk.reference_ntk(model, x), RTOL64)
+    assert_rel_close(fastntk.ntk(model, x, method=method, max_memory=need), fastntk.reference_ntk(model, x), RTOL64)
 
 
-def test_a_budget_given_with_chunk_size_does_not_refuse() -> None:
-    """chunk_size sets the blocks by hand: the budget then only decides what is cached."""
+def test_a_block_size_must_fit_the_budget_too() -> None:
+    """block_size sets the blocks by hand, within max_memory: blocks it cannot hold are refused
+    before any work, naming both; blocks that fit give the kernel."""
     model, x = wide_output_mlp(), torch.randn(4, 3, dtype=torch.float64)
-    kernel = fastntk.ntk(model, x, method="jacobian", memory_budget=1, chunk_size=1)
+    with pytest.raises(fastntk.OptionError, match=r"blocks of 4 samples need .*max_memory=.*smaller block_size"):
+        fastntk.ntk(model, x, method="jacobian", max_memory="1MB", block_size=4)
+    kernel = fastntk.ntk(model, x, method="jacobian", max_memory="1MB", block_size=1)
     assert_rel_close(kernel, fastntk.reference_ntk(model, x), RTOL64)
 
 
@@ -433,9 +439,11 @@ def test_auto_chooses_a_method_that_keeps_the_budget(monkeypatch: pytest.MonkeyP
     plan_module = importlib.import_module("fastntk.plan")
     model, x = wide_output_mlp(), torch.randn(4, 3, dtype=torch.float64)
     sizes = fastntk.plan(model, x).bytes_per_sample
-    budget = 2 * sizes["structured"]
-    assert budget < min(2 * sizes["jacobian"], sizes["vp"])
+    pair = 40 * 40 * 8
+    rest = INPUT_COPIES * 3 * 8 + OUTPUT_COPIES * pair + 4 * 4 * pair  # one sample's inputs and output block, the result
+    budget = 2 * sizes["structured"] + rest
+    assert budget < min(2 * sizes["jacobian"], sizes["vp"]) + rest
     monkeypatch.setattr(plan_module, "estimate", lambda method, *a: 1.0 if method.name == "structured" else 0.0)
-    plan = fastntk.plan(model, x, memory_budget=budget)
+    plan = fastntk.plan(model, x, max_memory=budget)
     assert plan.chosen == "structured" and {"jacobian", "vp"} <= plan.unusable.keys()
-    assert_rel_close(fastntk.ntk(model, x, memory_budget=budget), fastntk.reference_ntk(model, x), RTOL64)
+    assert_rel_close(fastntk.ntk(model, x, max_memory=budget), fastntk.reference_ntk(model, x), RTOL64)

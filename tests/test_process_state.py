@@ -185,7 +185,7 @@ def test_every_call_leaves_the_process_as_it_found_it(method: str, state: str, r
         before = snapshot()
         fastntk.ntk(model, x1, x2, method=method)
         assert_unchanged(before)
-        fn = fastntk.ntk_fn(model, mode="trace", method=method, chunk_size=2)
+        fn = fastntk.ntk_fn(model, mode="trace", method=method, block_size=2)
         fn(x1)
         assert_unchanged(before)
         fastntk.plan(model, x1, x2)
@@ -211,8 +211,8 @@ def test_a_call_that_fails_midway_leaves_the_process_as_it_found_it(method: str)
     gen = torch.Generator().manual_seed(4)
     x1, x2 = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
     runs: dict[str, Callable[[], Any]] = {
-        "ntk": lambda: fastntk.ntk(model, x1, x2, method=method, chunk_size=2),
-        "ntk_fn": lambda: fastntk.ntk_fn(model, mode="trace", method=method, chunk_size=2)(x1),
+        "ntk": lambda: fastntk.ntk(model, x1, x2, method=method, block_size=2),
+        "ntk_fn": lambda: fastntk.ntk_fn(model, mode="trace", method=method, block_size=2)(x1),
         "gram": lambda: fastntk.gram(model, x1, x2, method=method, progress=False, max_memory="64MB"),
     }
     for name, run in runs.items():
@@ -296,7 +296,7 @@ def test_two_threads_at_once(method: str) -> None:
     the kernels equal the single-threaded ones, and the process state is as before."""
     cases = models()
     a, b = (cases[name] for name in ("cummax", "transformer" if method in ("vp", "auto") else "conv1d"))
-    fn_a = fastntk.ntk_fn(a[0], method=method, chunk_size=2)
+    fn_a = fastntk.ntk_fn(a[0], method=method, block_size=2)
     fn_b = fastntk.ntk_fn(b[0], mode="trace", method=method)
     shared = fastntk.ntk_fn(a[0], mode="diagonal", method=method)
     jobs = [lambda: fn_a(a[1], a[2]), lambda: fn_b(b[1], b[2]), lambda: shared(a[1]), lambda: shared(a[1])]

@@ -1,28 +1,38 @@
-"""fastntk: exact empirical neural tangent kernels of PyTorch models, fast."""
+"""fastntk: exact empirical neural tangent kernels of PyTorch models, fast.
+
+    ntk(model, x1, x2=None, *, mode="full", ...)      the kernel, in memory
+    ntk_fn(model, *, mode="full", ...)                 the same as a reusable function of (x1, x2)
+    gram(model, x1, x2=None, *, out=None, ...)         the same for datasets: on disk, resumable, over ranks
+    plan(model, x1, x2=None, ...)                      what each method would cost, and the choice
+    reference_ntk(model, x1, x2=None, ...)             the brute-force float64 kernel, to check against
+"""
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
-from .plan import Plan
-from ._heap import keep_freed_memory
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
+from ._heap import keep_freed_memory
+from .blocks.schedule import Block
+from .plan import Plan
 from .reference import reference_ntk
-from .scale import ResumeError, gram
+from .scale import LockedError, ResumeError, gram
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ntk",
     "ntk_fn",
     "NTKFunction",
+    "gram",
     "plan",
     "Plan",
+    "Block",
     "reference_ntk",
-    "gram",
     "keep_freed_memory",
-    "ResumeError",
     "FastNTKError",
     "InputError",
     "ModelError",
     "NonFiniteError",
     "OptionError",
     "SelectionError",
+    "ResumeError",
+    "LockedError",
 ]

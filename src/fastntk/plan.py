@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._engine import default_block, over_budget
+from .blocks.budget import Sizing
 from ._functional import FunctionalModel
-from ._inputs import Batch, batch_size, first_samples
-from ._modes import Mode
+from ._inputs import Batch, first_samples
+from .reduction import Mode
 from .methods import METHODS, KernelMethod, StructuredMethod
-from .methods.jacobian import jacobian_pair_flops
+from .methods.contraction import jacobian_pair_flops
 from .methods.per_sample import loop_overhead
 
 BACKWARD_FACTOR = 3.0
@@ -65,6 +65,8 @@ class Plan:
     bytes_per_sample: dict[str, int]
     groups: list[GroupCost] = field(default_factory=list)
     chosen: str = "structured"
+    block_size: int | None = None
+    """Samples per block of the chosen method (None: it cannot keep within the budget)."""
     unusable: dict[str, str] = field(default_factory=dict)
     """Methods "auto" may not choose, with the reason (no forward-mode rule, over the memory budget)."""
 
@@ -76,7 +78,7 @@ class Plan:
             f"{'method':<12}{'est. GFLOP':>12}{'MiB/sample':>12}",
         ]
         for name, flops in sorted(self.flops.items(), key=lambda kv: kv[1]):
-            mark = "  <- chosen" if name == self.chosen else ""
+            mark = f"  <- chosen (blocks of {self.block_size} samples)" if name == self.chosen and self.block_size else "  <- chosen" if name == self.chosen else ""
             lines.append(f"{name:<12}{flops / 1e9:>12.3f}{self.bytes_per_sample[name] / 2**20:>12.2f}{mark}")
         lines += [f"{name} cannot be used: {reason}" for name, reason in self.unusable.items()]
         if self.groups:
@@ -91,16 +93,16 @@ def sample_pairs(n1: int, n2: int | None) -> float:
     return n1 * (n1 + 1) / 2 if n2 is None else n1 * n2
 
 
-def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: int) -> float:
-    """Estimated FLOPs of ``method`` on an n1 x n2 kernel (n2 None: Gram)."""
+def estimate(method: KernelMethod, sizing: Sizing, fp: float) -> float:
+    """Estimated FLOPs of ``method`` on the kernel ``sizing`` describes."""
     o, p, mode = method.num_outputs, method.f.num_params, method.mode
-    symmetric = n2 is None
-    m = n1 if symmetric else n2
-    pairs = sample_pairs(n1, n2)
+    n1, symmetric = sizing.n1, sizing.symmetric
+    m = n1 if symmetric else sizing.n2
+    pairs = sample_pairs(n1, None if symmetric else m)
     factor_samples = n1 if symmetric else n1 + m
-    block = default_block(method, budget, n1, symmetric)
+    block = 1 if sizing.over(method) else sizing.block(method)
     rows = -(-n1 // block)
-    if (block + m) * method.bytes_per_sample() > budget:  # right factors recomputed per block row
+    if rows > 1 and m * method.bytes_per_sample() > sizing.cache_capacity(method, block):  # right factors recomputed per block row
         factor_samples = n1 + rows * m
     per_sample = fp + o * BACKWARD_FACTOR * fp
     looped = 0.0 if method.f.batchable else loop_overhead(1, o)  # per sample whose Jacobian is looped
@@ -117,51 +119,49 @@ def estimate(method: KernelMethod, n1: int, n2: int | None, fp: float, budget: i
 
 
 def make_plan(
-    f: FunctionalModel, x1: Batch, x2: Batch | None, mode: Mode, num_outputs: int, budget: int,
-    structured: StructuredMethod | None = None, block: int | None = None,
+    f: FunctionalModel, x: Batch, sizing: Sizing, mode: Mode, num_outputs: int,
+    structured: StructuredMethod | None = None, block_given: bool = False,
 ) -> tuple[Plan, dict[str, KernelMethod]]:
-    """Cost every exact method and choose; returns the plan and the methods it costed.
+    """Cost every exact method on the kernel ``sizing`` describes and choose; returns the plan
+    and the methods it costed.
 
-    Runs no backward pass and computes no kernel: the structured method (``structured``,
-    when given, with its calibration from an earlier call if any) reads its layout off one
-    forward pass on one sample, which the engine reuses to size its blocks. Methods that
-    cannot compute the model, or (``block`` None) whose factors of one sample exceed the
-    ``budget``, are not chosen while another can be.
+    Runs no backward pass and computes no kernel: the structured method (``structured``, when
+    given, with its calibration from an earlier call if any) reads its layout off one forward
+    pass on the first sample of x. Methods that cannot compute the model, or (without a given
+    block size) whose factors of one sample exceed the budget, are not chosen while another can be.
     """
     methods = {name: cls(f, mode, num_outputs) for name, cls in METHODS.items()}
-    if structured is not None:
-        methods["structured"] = structured
-    method = methods["structured"]
+    method = (structured or methods["structured"]).estimated(first_samples(x, None, 1))
     assert isinstance(method, StructuredMethod)
-    if method.calibration is None:
-        method.estimate_size(first_samples(x1, x2, 1))
+    methods["structured"] = method
     layout = method.layout
     fp = max(layout.forward_flops, float(num_outputs))
-    n1, n2 = batch_size(x1), None if x2 is None else batch_size(x2)
-    flops = {name: estimate(m, n1, n2, fp, budget) for name, m in methods.items()}
-    pairs = sample_pairs(n1, n2)
+    flops = {name: estimate(m, sizing, fp) for name, m in methods.items()}
+    n2 = None if sizing.symmetric else sizing.n2
+    pairs = sample_pairs(sizing.n1, n2)
     groups = [GroupCost(g, layout.kinds[g], pairs * layout.pair_flops[g]) for g in sorted(layout.groups)]
     groups += [
         GroupCost((name,), "fallback", pairs * jacobian_pair_flops(mode, num_outputs, f.primals[name].numel()))
         for name in layout.fallback
     ]
-    chosen, unusable = cheapest_usable(methods, flops, x1, None if block is not None else budget)
+    chosen, unusable = cheapest_usable(methods, flops, x, None if block_given else sizing)
     plan = Plan(
-        n1, n2, num_outputs, f.num_params, mode, fp, flops,
-        {name: m.bytes_per_sample() for name, m in methods.items()}, groups, chosen, unusable,
+        sizing.n1, n2, num_outputs, f.num_params, mode, fp, flops,
+        {name: m.bytes_per_sample() for name, m in methods.items()}, groups, chosen, block_size=None if sizing.over(methods[chosen]) else sizing.block(methods[chosen]),
+        unusable=unusable,
     )
     return plan, methods
 
 
 def cheapest_usable(
-    methods: dict[str, KernelMethod], flops: dict[str, float], x: Batch, budget: int | None
+    methods: dict[str, KernelMethod], flops: dict[str, float], x: Batch, sizing: Sizing | None
 ) -> tuple[str, dict[str, str]]:
     """The cheapest of ``methods`` by ``flops`` that can compute the model on samples like x
     and, with a ``budget``, whose factors of one sample fit it; and why each method ruled out
     was. Methods are asked in order of cost and only until one can (vp's answer costs a
     forward-mode pass); should none fit the budget, the cheapest that can compute the model
     is returned, and the engine's refusal then says what it needs."""
-    over = {name: reason for name, m in methods.items() if budget is not None and (reason := over_budget(m, budget))}
+    over = {name: reason for name, m in methods.items() if sizing is not None and (reason := sizing.over(m))}
     unusable: dict[str, str] = {}
     for name in sorted(flops, key=flops.__getitem__):
         reason = methods[name].unsupported(x)

@@ -10,10 +10,9 @@ import copy
 import torch
 from torch import nn
 
-from ._errors import OptionError
 from ._functional import ParamSelection, flatten_output, select_parameters
 from ._inputs import Batch, batch_size, call_model, map_leaves, take
-from ._modes import MODES, reduce_full
+from .reduction import check_mode, reduce_full
 
 
 def reference_jacobian(model: nn.Module, x: Batch, params: ParamSelection = None, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -49,9 +48,5 @@ def reference_ntk(
     kernel), shaped like :func:`fastntk.ntk`'s result."""
     j1 = reference_jacobian(model, x1, params, dtype=dtype)
     j2 = j1 if x2 is None else reference_jacobian(model, x2, params, dtype=dtype)
-    full = torch.einsum("nap,mbp->nmab", j1, j2)
-    if mode in MODES:
-        return reduce_full(full, mode)
-    if mode == "trace_mean":
-        return torch.diagonal(full, dim1=2, dim2=3).mean(-1)
-    raise OptionError(f"unknown mode {mode!r}: use 'full', 'trace', 'diagonal' or 'trace_mean'")
+    check_mode(mode)
+    return reduce_full(torch.einsum("nap,mbp->nmab", j1, j2), mode)

@@ -43,7 +43,7 @@ class Combo:
     gram: bool
     chunk: str
 
-    def chunk_size(self, n1: int) -> int | None:
+    def block_size(self, n1: int) -> int | None:
         return {"1": 1, "2": 2, "N": n1, "default": None}[self.chunk]
 
 
@@ -180,7 +180,7 @@ class Checker:
         try:
             result.kernel = fastntk.ntk(
                 self.model, self.x1, None if combo.gram else self.x2, mode=combo.mode, method=combo.method,
-                params=self.params, chunk_size=combo.chunk_size(self.n1),
+                params=self.params, block_size=combo.block_size(self.n1),
             )
         except Exception as exc:  # noqa: BLE001 - every error is classified by check()
             result.error = exc
@@ -227,7 +227,7 @@ class Checker:
         combo = Combo(combo.method, combo.mode, False, combo.chunk)
         if not self.computes(combo):
             return
-        fn = fastntk.ntk_fn(self.model, mode=combo.mode, method=combo.method, params=self.params, chunk_size=combo.chunk_size(self.n1))
+        fn = fastntk.ntk_fn(self.model, mode=combo.mode, method=combo.method, params=self.params, block_size=combo.block_size(self.n1))
         try:
             self.compare_reuse(combo, "x1, x2", fn(self.x1, self.x2), gram=False)
             self.compare_reuse(combo, "x1", fn(self.x1), gram=True)

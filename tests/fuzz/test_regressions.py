@@ -78,7 +78,7 @@ ONE_BLOCK_CASES = {
 
 @pytest.mark.parametrize("case", sorted(ONE_BLOCK_CASES))
 def test_one_block_gram_trace_and_diagonal_of_a_parameter_used_twice(case: str) -> None:
-    """structured/auto, x2=None, all N samples in one block (chunk_size=N or None): trace and
+    """structured/auto, x2=None, all N samples in one block (block_size=N or None): trace and
     diagonal were wrong for a parameter used twice or partly outside the rules (full mode,
     x2 given and blocks smaller than N were right)."""
     torch.manual_seed(0)

@@ -58,10 +58,10 @@ def factor_tensors(factors: dict) -> list[torch.Tensor]:
 def test_chain_models_record_no_graph_after_calibration(case: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     c = CASES_BY_NAME[case]
     method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), mode, 3 if case == "chain_mlp" else 2)
-    method.calibrate(c.draw(4, torch.float64), keep=True)
+    method, kept = method.calibrated(c.draw(4, torch.float64), keep=True)
     assert method.calibration.chain
     # whether or not the calibration pass recorded a graph, the factors it keeps hang on none
-    assert not any(t.requires_grad for t in factor_tensors(method.kept[1]))
+    assert not any(t.requires_grad for t in factor_tensors(kept.factors))
 
     def no_autograd(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("autograd was used")
@@ -101,7 +101,7 @@ def test_wrong_chain_is_caught_by_the_gradient_check(monkeypatch: pytest.MonkeyP
     model = c.build(torch.float64)
     x1, x2 = c.draw(4, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
     method = StructuredMethod(FunctionalModel.build(model), "full", 3)
-    method.calibrate(x1)
+    method = method.calibrated(x1)[0]
     assert method.calibration.chain is False
     assert method.fallback == []  # still structured, from autograd's cotangents
     kernel = fastntk.ntk(model, x1, x2, mode="full", method="structured")
@@ -135,7 +135,7 @@ def test_layer_before_the_dense_output_layer_keeps_compact_cotangents_in_trace_m
 
     c = CASES_BY_NAME["mlp"]  # Linear(6,16) ReLU Linear(16,16) ReLU Linear(16,3)
     method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), mode, 3)
-    method.calibrate(c.draw(4, torch.float64))
+    method = method.calibrated(c.draw(4, torch.float64))[0]
     factors = method.left(c.draw(4, torch.float64))
     assert isinstance(factors[("2.weight", "2.bias")], RowsPairFactor) is compact
     assert not any(isinstance(f, RowsPairFactor) for group, f in factors.items() if group != ("2.weight", "2.bias"))

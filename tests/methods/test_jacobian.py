@@ -7,7 +7,7 @@ import torch
 
 from conftest import RTOL64, assert_rel_close
 from fastntk.methods import jacobian
-from fastntk.methods.jacobian import contract_jacobian_pair, is_output_major
+from fastntk.methods.contraction import contract_jacobian_pair, is_output_major
 
 
 def stored(j: torch.Tensor, layout: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from cases import CASES_BY_NAME, STRUCTURED_CASES
 from conftest import DTYPES, assert_kernel_close, reduce_full, reference_full
 from fastntk._functional import FunctionalModel
 from fastntk.methods import StructuredMethod
-from fastntk._engine import calibrate_on_first_block
+from fastntk.blocks.engine import calibrate_on_first_block
 from fastntk.methods.structured.rules import conv
 
 
@@ -51,7 +51,7 @@ def num_outputs(f: FunctionalModel, x: torch.Tensor) -> int:
 def calibrated(case: str) -> StructuredMethod:
     c = CASES_BY_NAME[case]
     method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), "full", 2)
-    method.calibrate(c.draw(3, torch.float64))
+    method = method.calibrated(c.draw(3, torch.float64))[0]
     return method
 
 
@@ -80,7 +80,7 @@ def test_sequence_linear_uses_both_forms() -> None:
     for case, kind in (("sequence_short", PairFactor), ("sequence_long", JacobianFactor)):
         c = CASES_BY_NAME[case]
         method = StructuredMethod(FunctionalModel.build(c.build(torch.float64)), "full", 2)
-        method.calibrate(c.draw(2, torch.float64))
+        method = method.calibrated(c.draw(2, torch.float64))[0]
         factors = method.left(c.draw(2, torch.float64))
         assert isinstance(factors[("fc.weight", "fc.bias")], kind)
 
@@ -89,14 +89,14 @@ def test_sequence_linear_uses_both_forms() -> None:
 def test_dense_cotangents_sample_major_only_for_trace(mode: str, sample_major: bool) -> None:
     """Trace contractions of dense layers read sample-major cotangents (one GEMM over O·e per pair
     of blocks); full and diagonal ones read them output-major, as the backward pass left them."""
-    from fastntk.methods.jacobian import is_output_major
+    from fastntk.methods.contraction import is_output_major
     from fastntk.methods.structured.factors import PairFactor
 
     c = CASES_BY_NAME["mlp"]
     f = FunctionalModel.build(c.build(torch.float32))
     x = c.draw(5, torch.float32)
     method = StructuredMethod(f, mode, num_outputs(f, x))
-    method.calibrate(x)
+    method = method.calibrated(x)[0]
     dense = [factor for factor in method.left(x).values() if isinstance(factor, PairFactor)]
     assert dense
     for factor in dense:
@@ -118,9 +118,9 @@ def test_size_estimate_is_exact(case: str) -> None:
     outputs = num_outputs(f, c.draw(1, torch.float32))
     for mode in ("full", "trace"):
         method = StructuredMethod(f, mode, outputs)
-        method.estimate_size(c.draw(1, torch.float32))
+        method = method.estimated(c.draw(1, torch.float32))
         estimate = method.bytes_per_sample()
-        method.calibrate(c.draw(4, torch.float32))
+        method = method.calibrated(c.draw(4, torch.float32))[0]
         assert method.bytes_per_sample() == estimate
 
 
@@ -130,13 +130,19 @@ def test_blocks_shrink_when_calibration_finds_more_bytes() -> None:
     c = CASES_BY_NAME["shuffled_batch"]
     model = c.build(torch.float64)
     x1, x2 = c.draw(6, torch.float64, seed=1), c.draw(3, torch.float64, seed=2)
-    probe = StructuredMethod(FunctionalModel.build(model), "full", 2)
-    probe.estimate_size(x1[:1])
+    probe = StructuredMethod(FunctionalModel.build(model), "full", 2).estimated(x1[:1])
     budget = 2 * 4 * probe.bytes_per_sample()  # blocks of 4 by the bound
+
+    def size_blocks(method: StructuredMethod) -> int:
+        return max(1, budget // (2 * method.bytes_per_sample()))
+
+    def load(side: int, start: int, stop: int) -> torch.Tensor:
+        return (x1 if side == 1 else x2)[start:stop]
+
     method = StructuredMethod(FunctionalModel.build(model), "full", 2)
-    block = calibrate_on_first_block(method, x1, x2, None, budget)
-    assert block < 4 and method.kept is None
-    kernel = fastntk.ntk(model, x1, x2, mode="full", method="structured", memory_budget=budget)
+    method, kept, block = calibrate_on_first_block(method, load, 6, 3, None, size_blocks, keep=True)
+    assert block < 4 and kept is None
+    kernel = fastntk.ntk(model, x1, x2, mode="full", method="structured", block_size=4)
     assert_kernel_close(kernel, fastntk.reference_ntk(model, x1, x2, mode="full"), torch.float64)
 
 
@@ -167,9 +173,10 @@ class NotVmappable(torch.autograd.Function):
         return grad * float(torch.tensor(2.0).item()) + 0 * grad.sum().item()
 
 
-def test_backward_that_cannot_be_vmapped_falls_back_to_one_output_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Calibrated one output at a time (untried), then a smaller block tries the vmapped
-    backward, fails, and goes on one output at a time for good."""
+def test_backward_that_cannot_be_vmapped_goes_one_output_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backward that cannot be vmapped over outputs is learned at calibration (its vmapped
+    pass fails): the calibration then says one output at a time, and so do later blocks; a
+    calibration block that took one output at a time (untried) says the same."""
     from fastntk.methods.structured import method as structured
 
     class Model(torch.nn.Module):
@@ -183,14 +190,17 @@ def test_backward_that_cannot_be_vmapped_falls_back_to_one_output_at_a_time(monk
     torch.manual_seed(0)
     model = Model().double()
     x1, x2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    method = StructuredMethod(FunctionalModel.build(model), "full", 2)
+    expected = fastntk.reference_ntk(model, x1, x2, mode="full")
+    untried = StructuredMethod(FunctionalModel.build(model), "full", 2)
     monkeypatch.setattr(structured, "CHUNK_BYTES", 1)  # the calibration block: one output at a time
-    method.calibrate(x1)
-    assert method.calibration.batched_backward is None
+    untried = untried.calibrated(x1)[0]
     monkeypatch.setattr(structured, "CHUNK_BYTES", 2**20)
-    kernel = method.contract(method.left(x1), method.left(x2))
-    assert method.calibration.batched_backward is False
-    assert_kernel_close(kernel.double(), fastntk.reference_ntk(model, x1, x2, mode="full"), torch.float64)
+    failed = StructuredMethod(FunctionalModel.build(model), "full", 2).calibrated(x1)[0]
+    for method in (untried, failed):
+        assert method.calibration.batched_backward is False
+        assert method.calibration.output_chunk(2, 2) == 1
+        kernel = method.contract(method.left(x1), method.left(x2))
+        assert_kernel_close(kernel.double(), expected, torch.float64)
 
 
 @pytest.mark.parametrize(("case", "heavy"), [("mlp", True), ("transformer", True), ("tutorial_cnn", False), ("conv1d", False)])
@@ -243,8 +253,8 @@ def test_gram_of_one_block_contracts_jacobians_as_they_come(case: str, mode: str
     assert_kernel_close(fn(x), expected, torch.float64)
     f = FunctionalModel.build(model)
     method = StructuredMethod(f, mode, num_outputs(f, x))
-    method.calibrate(x, keep=True, gram=True)
-    assert isinstance(method.kept[1], torch.Tensor) is (mode != "full")  # the kernel itself, or the factors
+    method, kept = method.calibrated(x, keep=True, whole=True)
+    assert (kept.kernel is not None) is (mode != "full")  # the kernel itself, or the factors
     assert_kernel_close(method.gram(x), expected, torch.float64)
     factors, streamed = method.block_factors(x, streaming=mode != "full")
     assert (streamed is not None) is (mode != "full")

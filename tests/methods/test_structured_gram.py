@@ -97,7 +97,7 @@ def test_one_block_gram_of_shared_parameters(name: str, mode: str, method: str, 
     contracted each use alone, losing their cross terms, and added a fallback parameter's
     share on top of its structured one)."""
     model, x = build(name, dtype)
-    kernel = fastntk.ntk(model, x, mode=mode, method=method, chunk_size=chunk_size)
+    kernel = fastntk.ntk(model, x, mode=mode, method=method, block_size=chunk_size)
     assert_kernel_close(kernel, fastntk.reference_ntk(model, x, mode=mode), dtype)
 
 
@@ -142,11 +142,11 @@ def test_check_catches_a_corrupted_group_with_tiny_gradients(mode: str, monkeypa
     assert max(gradients[name].abs().max().item() for name in corrupted) < tolerance(torch.float64) * largest
 
     honest = StructuredMethod(f, mode, 3)
-    honest.calibrate(x)
+    honest = honest.calibrated(x)[0]
     assert honest.fallback == []
     monkeypatch.setattr(StructuredMethod, "use_factors", doubled)
     method = StructuredMethod(f, mode, 3)
-    method.calibrate(x)
+    method = method.calibrated(x)[0]
     assert method.fallback == sorted(corrupted)
 
 
@@ -164,10 +164,10 @@ def test_check_catches_a_stream_that_contracts_uses_apart(name: str, monkeypatch
     model, x = build(name, torch.float64)
     monkeypatch.setattr(structured.StructuredMethod, "gram_stream", every_use)
     method = StructuredMethod(FunctionalModel.build(model), "trace", 4 if name == "conv_twice" else 3)
-    method.calibrate(x, keep=True, gram=True)
+    method, kept = method.calibrated(x, keep=True, whole=True)
     shared = {p for p, _ in model.named_parameters() if p.startswith(name.split("_")[0])}
     assert shared <= set(method.fallback)
-    assert method.kept is None
+    assert kept is None
 
 
 class ManyOutputs(SmallBranch):
@@ -205,5 +205,5 @@ def test_check_with_many_outputs_projects_instead_of_forming_o_by_o_blocks(mode:
 
     monkeypatch.setattr(StructuredMethod, "use_factors", one_output_doubled)
     method = StructuredMethod(f, mode, 40)
-    method.calibrate(x)
+    method = method.calibrated(x)[0]
     assert method.fallback == sorted(corrupted)

@@ -187,8 +187,8 @@ def vmap_attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize("method", ["jacobian", "vp", "structured"])
 def test_vmap_failure_is_learnt_once(method: str, vmap_attempts: list[int]) -> None:
-    """One failed vmap per kind of input: later blocks (chunk_size=1) and later calls loop at once."""
-    fn = fastntk.ntk_fn(build("gru_two_layers_last"), method=method, chunk_size=1)
+    """One failed vmap per kind of input: later blocks (block_size=1) and later calls loop at once."""
+    fn = fastntk.ntk_fn(build("gru_two_layers_last"), method=method, block_size=1)
     first = fn(draw(3, 1), draw(2, 2))
     assert len(vmap_attempts) == 1
     second = fn(draw(3, 1), draw(2, 2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,45 +11,65 @@ import torch
 from .._functional import FunctionalModel
 from .._gemm import fast_matmuls
 from .._inputs import Batch
-from .._modes import Mode
+from ..reduction import Mode
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What calibration computed on its block: ``factors`` (as ``left`` gives them) or, for a
+    Gram matrix of that one block, its ``kernel``."""
+
+    factors: Any = None
+    kernel: torch.Tensor | None = None
 
 
 class KernelMethod(ABC):
     """An exact way to compute a kernel block K(x1_block, x2_block).
 
-    The engine asks for ``left`` factors of a block of x1 and ``right`` factors of a
-    block of x2, then ``contract``\\ s them; factors are reused across every block they meet.
-    When ``symmetric_factors`` is True, left and right factors of the same samples are the
-    same object, so K(x, x) computes them once.
+    All the engine (:mod:`fastntk.blocks.engine`) needs: ``left`` factors of a block of x1 and
+    ``right`` factors of a block of x2, their contraction (``contracted``), and their size
+    (``bytes_per_sample``); factors are reused across every block they meet. When
+    ``symmetric_factors`` is True, left and right factors of the same samples are the same
+    object, so K(x, x) computes them once. Before blocks are sized a method may take a look at
+    a sample (``estimated``) and, before the first block, learn what depends on the model
+    (``calibrated``); both return a new method, none is changed after it is built. A kernel of
+    one block may take one call (``gram``, ``left_and_right``), which a method may override to
+    do better than the loop.
     """
 
     name: str = ""
     symmetric_factors: bool = True
     sides_with_factors: int = 2
     """Sides whose blocks hold ``bytes_per_sample`` each (vp's left side is its inputs)."""
-    calibration: Any = None
-    """What ``calibrate`` learned; reusable by later calls on inputs of the same kind."""
-    kept: Any = None
-    """(x, what ``calibrate(x, keep=True)`` computed): factors for the first ``left(x)``, or
-    K(x, x) for the first ``gram(x)``; None drops it."""
 
-    def __init__(self, f: FunctionalModel, mode: Mode, num_outputs: int, *, vmap_chunk: int | None = None) -> None:
+    def __init__(self, f: FunctionalModel, mode: Mode, num_outputs: int, calibration: Any = None) -> None:
         self.f = f
         self.mode = mode
         self.num_outputs = num_outputs
-        self.vmap_chunk = vmap_chunk
+        self.calibration = calibration
+        """What :meth:`calibrated` learned (immutable; reusable by later calls on inputs of the
+        same kind: ``type(m)(f, mode, O, m.calibration)``). None: nothing learned yet."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether the method can compute blocks (it needs no calibration, or has one)."""
+        return True
 
     def unsupported(self, x: Batch) -> str | None:
         """Why this method cannot compute the model on samples like x (None: it can)."""
         return None
 
-    def estimate_size(self, x: Batch) -> None:
-        """Look at a few samples before blocks are sized, when ``bytes_per_sample`` needs it."""
+    def estimated(self, x: Batch) -> "KernelMethod":
+        """This method with what a look at the samples x tells of its sizes and costs, before
+        blocks are sized (no backward pass, no kernel); itself when it needs no look."""
+        return self
 
-    def calibrate(self, x: Batch, keep: bool = False, gram: bool = False) -> None:
-        """Learn what depends on the model (e.g. factor sizes) from the samples x. With
-        ``keep``, the method may keep what it computed for x to serve a later ``left(x)``
-        (with ``gram``, x being all of a Gram matrix's inputs, a later ``gram(x)``)."""
+    def calibrated(self, x: Batch, keep: bool = False, whole: bool = False) -> tuple["KernelMethod", Kept | None]:
+        """This method bound to what depends on the model (e.g. factor sizes), learned from the
+        samples x, and with ``keep`` what it computed on the way: the factors of x for the
+        engine's first ``left(x)``, or, with ``whole`` (x is all of a Gram matrix's inputs),
+        K(x, x) itself. Methods with nothing to learn return themselves and None."""
+        return self, None
 
     @abstractmethod
     def left(self, x: Batch) -> Any:

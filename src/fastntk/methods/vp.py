@@ -63,7 +63,7 @@ class VPMethod(KernelMethod):
         return None
 
     def right(self, x: Batch) -> Params:
-        return per_sample_jacobians(self.f, x, self.vmap_chunk)
+        return per_sample_jacobians(self.f, x)
 
     def contract(self, left: Batch, right: Params) -> torch.Tensor:
         f, primals = self.f, self.f.primals
@@ -73,7 +73,7 @@ class VPMethod(KernelMethod):
         def push(tangent: Params) -> torch.Tensor:
             return jvp(lambda p: f(p, left), (primals,), (tangent,))[1]  # (N1, O)
 
-        chunk = self.vmap_chunk or max(1, SAMPLE_EVALUATIONS // batch_size(left))
+        chunk = max(1, SAMPLE_EVALUATIONS // batch_size(left))
         with fast_matmuls(), forward_mode_kernels():  # the model's passes: through the dispatch mode
             try:
                 products = or_on_composite_kernels(lambda: vmap(push, chunk_size=chunk)(tangents))  # K[n, m, a, b] at [m·O + b, n, a]

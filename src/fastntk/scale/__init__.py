@@ -9,9 +9,9 @@ resumable after a crash, shared between ranks.
 The entry point is :func:`gram` (``fastntk.gram``).
 """
 
-from .budget import parse_memory
+from ..blocks.budget import parse_memory
 from .gram import gram
-from .schedule import Block
+from ..blocks.schedule import Block
 from .store import LockedError, ResumeError
 
 __all__ = ["gram", "Block", "LockedError", "ResumeError", "parse_memory"]

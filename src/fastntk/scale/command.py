@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import store
-from .budget import limit_heap_retention, parse_memory
+from ..blocks.budget import limit_heap_retention, parse_memory
 
 MODES = ("trace", "trace_mean", "diagonal", "full")
 

@@ -21,7 +21,7 @@ import hashlib
 from typing import Any
 
 from .._functional import FunctionalModel
-from .data import Source, tensor_bytes
+from ..sources import Source, tensor_bytes
 
 LABELS = {
     "model": "the model (its weights, buffers, parameter selection or train/eval mode)",

@@ -2,48 +2,45 @@
 
 The pipeline, per call:
 
-1. the inputs become :class:`~fastntk.scale.data.Source`\\ s (read by row range, never whole);
-2. the model is validated and probed on the first samples, as :func:`fastntk.ntk` does
-   (:class:`~fastntk.NTKFunction`), and the exact method is chosen by the cost model at the
-   real N1, N2 (``method="auto"``) and calibrated once on the first two samples;
-3. the block size follows from ``max_memory`` (:mod:`~fastntk.scale.budget`);
+1. the inputs become :class:`~fastntk.sources.Source`\\ s (read by row range, never whole), the
+   model is validated and probed on the first samples, as for :func:`fastntk.ntk` (one set-up);
+2. in memory on one rank, the kernel is :func:`fastntk.ntk`'s, computed the same way; else
+3. the exact method is chosen by the cost model (``method="auto"``), calibrated once on the
+   first two samples (the same on every rank and run), and the block size follows from
+   ``max_memory`` (:mod:`~fastntk.blocks.budget`);
 4. with ``out``, rank 0 takes the output's lock, then creates (or, with ``resume``, checks
    and reopens) the .npy file and its journal (:mod:`~fastntk.scale.store`), fingerprints
    included (:mod:`~fastntk.scale.fingerprint`), every journaled block checked by its CRC;
-5. the blocks still to compute are split between ranks (:mod:`~fastntk.scale.schedule`);
-   each rank computes its blocks' factors once where the budget keeps them, contracts,
-   writes each block (and its mirror for a Gram matrix), reads it back and journals it.
+5. the blocks still to compute are split between ranks (:mod:`~fastntk.blocks.schedule`);
+   each rank computes them with the block engine (:mod:`~fastntk.blocks.engine`), writes each
+   block (and its mirror for a Gram matrix), reads it back and journals it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
-from tqdm.auto import tqdm
 
-from .._api import PROBE, NTKFunction, is_positive_int, kernel_context
-from .._engine import DEFAULT_MEMORY_BUDGET, calibrate_on_first_block, ranges
-from .._errors import ModelError, NonFiniteError, OptionError
-from .._functional import FunctionalModel, ParamSelection
-from .._inputs import Batch, all_finite, batch_size, check_finite, first_samples, leaves
-from .._modes import block_shape, transpose_block
-from ..methods import METHODS, KernelMethod
-from ..methods.per_sample import vmap_failure
-from ..plan import cheapest_usable, estimate, make_plan
+from .._api import NTKFunction
+from .._errors import OptionError
+from .._functional import ParamSelection
+from ..reduction import block_shape, transpose_block
+from .._options import parse_options
+from .._problem import Problem
+from ..blocks.budget import DEFAULT_MAX_MEMORY, Sizing, check_fits, format_bytes
+from ..blocks.engine import place, progress_bar, run
+from ..blocks.schedule import Block, all_blocks, in_bands, split
+from ..methods import KernelMethod
+from ..sources import Select
 from . import store
-from .budget import block_for_budget, format_bytes, parse_memory, working_bytes
-from .data import DatasetSource, Select, Source, as_source
 from .distributed import Group, join
 from .fingerprint import differences, fingerprint
-from .schedule import Block, FactorCache, all_blocks, in_bands, split
 from .store import ResumeError
 
 log = logging.getLogger("fastntk.gram")
@@ -52,92 +49,29 @@ HASH_CHUNK = 64 * 2**20
 """Bytes of input read at a time while fingerprinting."""
 
 
-@dataclass
-class Problem:
-    """What is computed: the model as a function, the inputs, the result's shape and dtype."""
-
-    fn: NTKFunction
-    f: FunctionalModel
-    x1: Source
-    x2: Source | None
-    num_outputs: int
-    probe1: Batch
-    probe2: Batch | None
-    check: bool
-    methods: dict[str, KernelMethod] = field(default_factory=dict)
-
-    @property
-    def symmetric(self) -> bool:
-        return self.x2 is None
-
-    @property
-    def n1(self) -> int:
-        return len(self.x1)
-
-    @property
-    def n2(self) -> int:
-        return len(self.x1 if self.x2 is None else self.x2)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return block_shape(self.fn.mode, self.n1, self.n2, self.num_outputs)
-
-    @property
-    def pair_bytes(self) -> int:
-        return int(np.prod(self.shape[2:], dtype=np.int64)) * self.f.dtype.itemsize
-
-    @property
-    def result_bytes(self) -> int:
-        return self.n1 * self.n2 * self.pair_bytes
-
-    @property
-    def input_bytes(self) -> int:
-        """Bytes of one sample's inputs, as the model receives them."""
-        probe = self.probe1
-        return -(-sum(t.numel() * t.element_size() for t in leaves(probe)) // batch_size(probe))
-
-    def load(self, source: Source, start: int, stop: int) -> Batch:
-        """Samples start:stop of a source on the model's device, floating ones in its dtype; checked finite.
-
-        Every tensor is copied into a fresh allocation of torch's: kernels such as GEMMs may round
-        differently depending on the alignment of their operands, and a block's bits must not
-        depend on where its inputs happened to lie (an array's offset, a malloc'ed buffer).
-        """
-        f = self.f
-
-        def fresh(t: torch.Tensor) -> torch.Tensor:
-            out = torch.empty(t.shape, dtype=f.dtype if t.is_floating_point() else t.dtype, device=f.device)
-            return out.copy_(t)
-
-        x = pytree.tree_map(fresh, source.take(start, stop))
-        if self.check:
-            check_finite(x, source.name, first=start)
-        return x
-
-
 def gram(
     model: nn.Module,
-    data1: Any,
-    data2: Any = None,
+    x1: Any,
+    x2: Any = None,
     *,
-    mode: str = "trace",
+    mode: str = "full",
     method: str = "auto",
-    max_memory: int | str = "4GB",
+    params: ParamSelection = None,
+    dtype: torch.dtype | None = None,
+    block_size: int | None = None,
+    max_memory: int | str = DEFAULT_MAX_MEMORY,
+    check: bool = True,
+    progress: bool = False,
     out: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    block_size: int | None = None,
-    params: ParamSelection = None,
-    dtype: torch.dtype | None = None,
     select: Select = None,
-    check: bool = True,
-    progress: bool = True,
     durable: bool = True,
     on_block: Callable[[Block], None] | None = None,
 ) -> torch.Tensor | np.memmap | None:
     r"""The empirical NTK between two datasets, or the Gram matrix of one, block by block.
 
-    Like :func:`fastntk.ntk`, for inputs and results that need not fit in memory: the
+    :func:`fastntk.ntk` (the same options and engine) for inputs and results that need not fit in memory: the
     kernel is cut into blocks that fit ``max_memory``, per-sample factors are computed once
     per block and reused by every block they meet (as far as the budget keeps them), for a
     Gram matrix only blocks on or above the diagonal are computed (the rest mirrored), and
@@ -160,18 +94,21 @@ def gram(
 
     Args:
         model: any ``nn.Module``, used as it is (see :func:`fastntk.ntk`).
-        data1: N1 samples: a tensor or numpy array (memmaps included) batched on dim 0, a
+        x1: N1 samples: a tensor or numpy array (memmaps included) batched on dim 0, a
             tuple/dict of them (``model(*x)``/``model(**x)``), a path to a .npy file (read
             by row range), or a map-style ``torch.utils.data.Dataset`` or a ``DataLoader``
             over one without shuffling (items collated by its ``collate_fn``).
-        data2: N2 samples of the same kind, or None for the Gram matrix K(data1, data1).
-        mode: "trace" (default here: (N1, N2), the sum over the O outputs), "trace_mean",
-            "diagonal" (N1, N2, O) or "full" (N1, N2, O, O).
-        method: "auto" (the cheapest by the cost model at these N1, N2), "jacobian", "vp", "structured".
+        x2: N2 samples of the same kind, or None for the Gram matrix K(x1, x1).
+        mode, method, params, dtype, check: as in :func:`fastntk.ntk`. Floating inputs are cast
+            to the compute dtype block by block.
+        block_size: samples per block (default: the largest that fits ``max_memory``, cut to at
+            least 8 block rows of at least 64 samples when written to ``out`` or shared by ranks;
+            a resume keeps the stored one while it fits).
         max_memory: bytes (int) or a size such as "4GB", "512MiB", bounding the live factors,
             one output block with its copies, and the input blocks, beyond the process's
             baseline (torch, the model, inputs already in memory). Without ``out`` it also
             holds the result, which must fit it.
+        progress: a progress bar (blocks done/total, rate, ETA) on rank 0.
         out: a .npy path: the kernel is written there block by block (returned as a
             read-only ``np.memmap``), with a journal in ``<out>.blocks/``. None: in memory.
             One run at a time writes it: ``<out>.lock`` holds an OS lock (``flock``) while a
@@ -183,16 +120,11 @@ def gram(
             the settings are the ones it was started with (see above). Without an existing
             ``out`` it simply starts.
         overwrite: replace an existing ``out`` (otherwise an existing file is refused).
-        block_size: samples per block (default: the largest that fits ``max_memory``, at most
-            ⌈N/8⌉ but at least 64; a resume keeps the stored one while it fits).
-        params, dtype, check: as in :func:`fastntk.ntk`. Floating inputs are cast to the
-            model's dtype (or ``dtype``) block by block.
         select: for Datasets and DataLoaders: which part of each collated batch the model
             takes, an index or key (e.g. 0 for (inputs, labels) items) or a function.
-        progress: a progress bar (blocks done/total, rate, ETA) on rank 0; False for scripts.
         durable: flush each block to the disk (fdatasync) before journaling it, so finished
             blocks survive a power loss too, not only a crash or kill of the process.
-        on_block: called with each :class:`~fastntk.scale.schedule.Block` this rank finished
+        on_block: called with each :class:`~fastntk.blocks.schedule.Block` this rank finished
             (after it is written and journaled).
 
     Returns:
@@ -211,13 +143,13 @@ def gram(
     Example:
         >>> import torch, fastntk
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-        >>> fastntk.gram(net, torch.randn(50, 3), block_size=16, progress=False).shape
+        >>> fastntk.gram(net, torch.randn(50, 3), mode="trace", block_size=16).shape
         torch.Size([50, 50])
     """
-    budget = parse_memory(max_memory)
-    if block_size is not None and not is_positive_int(block_size):
-        raise OptionError(f"block_size={block_size!r}: give a positive number of samples per block, or None")
-    for name, flag in (("resume", resume), ("overwrite", overwrite), ("progress", progress), ("durable", durable), ("check", check)):
+    options = parse_options(
+        mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check, progress=progress
+    )
+    for name, flag in (("resume", resume), ("overwrite", overwrite), ("durable", durable)):
         if not isinstance(flag, bool):
             raise OptionError(f"{name}={flag!r}: pass True or False")
     if resume and overwrite:
@@ -228,11 +160,14 @@ def gram(
     if on_block is not None and not callable(on_block):
         raise OptionError(f"on_block={on_block!r} is not callable")
 
-    problem = set_up(model, data1, data2, mode=mode, method=method, params=params, dtype=dtype, select=select, check=check, budget=budget)
+    fn = NTKFunction(model, options)
+    problem = fn._problem(x1, x2, select)
     group = join(problem.f.device)
+    if path is None and not group.distributed:  # in memory on one rank: ntk's kernel
+        return fn._in_memory(problem, on_block=on_block)
     lock = store.OutLock(path) if path is not None and group.rank == 0 else None  # rank 0 holds it for every rank
     try:
-        return compute(problem, group, path, lock, mode, budget, resume, overwrite, block_size, progress, durable, on_block)
+        return compute(fn, problem, group, path, lock, resume, overwrite, durable, on_block)
     except KeyboardInterrupt as exc:
         if path is not None and hasattr(exc, "add_note"):
             exc.add_note(f"fastntk.gram: the finished blocks of {path} are kept: the same call with resume=True continues it")
@@ -242,73 +177,67 @@ def gram(
             lock.release()
 
 
-def compute(problem: Problem, group: Group, path: Path | None, lock: store.OutLock | None, mode: str, budget: int, resume: bool,
-            overwrite: bool, block_size: int | None, progress: bool, durable: bool,
-            on_block: Callable[[Block], None] | None) -> torch.Tensor | np.memmap | None:
-    """The body of :func:`gram` after validation; rank 0 takes the output's ``lock`` before touching the output."""
-    working = budget
-    if path is None:
-        if problem.result_bytes >= budget:
-            raise OptionError(
-                f"the kernel alone takes {format_bytes(problem.result_bytes)}, more than max_memory={format_bytes(budget)}: "
-                "pass out='kernel.npy' to write it to disk block by block, or raise max_memory"
-            )
-        working = budget - problem.result_bytes
-    if path is not None:
+def compute(fn: NTKFunction, problem: Problem, group: Group, path: Path | None, lock: store.OutLock | None, resume: bool,
+            overwrite: bool, durable: bool, on_block: Callable[[Block], None] | None) -> torch.Tensor | np.memmap | None:
+    """The body of :func:`gram` on disk or over ranks; rank 0 takes the output's ``lock`` before touching the output."""
+    options = problem.options
+    budget = options.max_memory
+    reserved = 0
+    if path is None:  # in memory over ranks: the result on rank 0 counts
+        reserved = fn._in_memory_sizing(problem).reserved
+    else:
         numpy_dtype(problem.f.dtype)  # refuse dtypes a .npy file cannot hold before any work
+    working = budget - reserved
+    sizing = problem.sizing(working, partitioned=True, reserved=reserved)
 
     settings = {
-        "mode": mode, "dtype": str(problem.f.dtype).removeprefix("torch."), "n1": problem.n1,
+        "mode": options.mode_name, "dtype": str(problem.f.dtype).removeprefix("torch."), "n1": problem.n1,
         "n2": None if problem.symmetric else problem.n2, "outputs": problem.num_outputs, "fastntk": version(),
     }
-    prints = None
-    if path is not None or group.distributed:
-        started = time.perf_counter()
-        prints = fingerprint(problem.f, problem.x1, problem.x2, settings, min(HASH_CHUNK, max(2**20, budget // 8)))
-        log.debug("fingerprint in %.2f s: %s", time.perf_counter() - started, prints)
+    started = time.perf_counter()
+    prints = fingerprint(problem.f, problem.x1, problem.x2, settings, min(HASH_CHUNK, max(2**20, budget // 8)))
+    log.debug("fingerprint in %.2f s: %s", time.perf_counter() - started, prints)
 
     # Rank 0 decides the plan (or reads it back) and prepares the file; every rank gets its answer.
+    methods: dict[str, KernelMethod] = {}
     decision: Any = None
     if group.rank == 0:
         try:
             if lock is not None:
                 lock.acquire()
-            decision = decide(problem, path, prints, resume, overwrite, block_size, working)
+            decision = decide(fn, problem, methods, path, prints, resume, overwrite, sizing)
         except Exception as exc:  # every rank raises it
             if not group.distributed:
                 raise
             decision = exc
     plan, done_keys, reference = group.broadcast(decision)
-    if prints is not None and group.rank != 0:
+    if group.rank != 0:
         diffs = differences(reference, prints)
         if diffs:
             raise ResumeError(f"rank {group.rank} has other values than rank 0 of {', '.join(diffs)}: every rank must run the same call")
-    kernel = build_method(problem, plan["method"])
-    if layout_of(kernel) != plan["layout"]:
+    method = calibrated(fn, problem, methods, plan["method"])
+    if layout_of(method) != plan["layout"]:
         raise ResumeError(
             f"rank {group.rank}'s calibration of the structured method differs from rank 0's ({plan['layout']} there, "
-            f"{layout_of(kernel)} here): every rank must run the same model and call"
+            f"{layout_of(method)} here): every rank must run the same model and call"
         )
     block = plan["block"]
-    need = block_bytes(problem, kernel, block)
-    if need > working:
-        raise OptionError(
-            f"blocks of {block} samples need {format_bytes(need)} but max_memory leaves {format_bytes(working)} for them: "
-            "raise max_memory, or pass a smaller block_size"
-        )
+    check_fits(sizing.footprint(method), block, working, reserved)
+    need = sizing.footprint(method).working(block, block)
 
     blocks = all_blocks(problem.n1, problem.n2, block, problem.symmetric)
     remaining = [b for b in blocks if (b.i, b.j) not in done_keys]
     parts = split(remaining, group.world)
-    band = max(1, (working - need) // max(1, block * kernel.bytes_per_sample()))  # block rows whose factors the cache holds
+    capacity = sizing.cache_capacity(method, block)
+    band = max(1, capacity // max(1, block * method.bytes_per_sample()))  # block rows whose factors the cache holds
     mine = in_bands(parts[group.rank], band)
     log.info(
         "gram %s, mode %s, method %s, O=%d: blocks of %d samples, %d blocks (%d done before, %d for this run%s), "
         "working set %s, factor cache %s (bands of %d block rows), %s",
         f"{problem.n1}x{problem.n2}" + (" (Gram, blocks on and above the diagonal)" if problem.symmetric else ""),
-        mode, kernel.name, problem.num_outputs, block, len(blocks), len(done_keys), len(remaining),
+        options.mode_name, method.name, problem.num_outputs, block, len(blocks), len(done_keys), len(remaining),
         f"; rank {group.rank} of {group.world}: {len(mine)}" if group.distributed else "",
-        format_bytes(need), format_bytes(working - need), band, f"out {path}" if path is not None else "in memory",
+        format_bytes(need), format_bytes(capacity), band, f"out {path}" if path is not None else "in memory",
     )
 
     result: torch.Tensor | None = None
@@ -323,22 +252,22 @@ def compute(problem: Problem, group: Group, path: Path | None, lock: store.OutLo
         if writer is not None:
             crc = writer.write(b.rows, b.cols, value.detach().cpu().numpy())
             if problem.symmetric and b.i != b.j:
-                crc = writer.write(b.cols, b.rows, transpose_block(value, problem.fn.mode).detach().cpu().numpy(), crc)
+                crc = writer.write(b.cols, b.rows, transpose_block(value, options.mode).detach().cpu().numpy(), crc)
             writer.record(b, crc)
         elif result is not None:
-            place(result, b, value, problem)
+            place(result, b, value, problem.symmetric, options.mode)
         else:
             kept.append((b, value))
 
-    bar = tqdm(
+    bar = progress_bar(
+        options.progress and group.rank == 0,
         total=len(blocks) if not group.distributed else len(mine),
         initial=len(blocks) - len(remaining) if not group.distributed else 0,
         desc="gram blocks" if not group.distributed else f"gram blocks (rank 0 of {group.world})",
-        unit="block", disable=not progress or group.rank != 0, dynamic_ncols=True,
     )
     started = time.perf_counter()
     try:
-        cache = run_blocks(problem, kernel, mine, block, working - need, sink, on_block, bar)
+        cache = run(problem.kernel(method), mine, block, capacity, sink, bar=bar, on_block=on_block)
     finally:
         bar.close()
         if writer is not None:
@@ -381,39 +310,13 @@ def version() -> str:
     return __version__
 
 
-def set_up(model: nn.Module, data1: Any, data2: Any, *, mode: str, method: str, params: ParamSelection, dtype: torch.dtype | None,
-           select: Select, check: bool, budget: int) -> Problem:
-    """Validate the options, the model and the inputs (probed on their first samples)."""
-    fn = NTKFunction(model, mode=mode, method=method, params=params, dtype=dtype, memory_budget=budget, check=check)
-    x1 = as_source(data1, "data1", select)
-    x2 = None if data2 is None else as_source(data2, "data2", select)
-    f = fn.functional()
-    problem = Problem(fn, f, x1, x2, 0, None, None, check)  # type: ignore[arg-type]
-    problem.probe1 = problem.load(x1, 0, min(PROBE, len(x1)))
-    problem.probe2 = None if x2 is None else problem.load(x2, 0, min(PROBE, len(x2)))
-    try:
-        problem.f, _, _, problem.num_outputs = fn.prepare(problem.probe1, problem.probe2)
-    except ModelError as exc:
-        if select is None and isinstance(x1, DatasetSource) and isinstance(problem.probe1, (tuple, list)):
-            raise ModelError(f"{exc}; the dataset's items are tuples, all passed to the model: for (inputs, labels) items pass select=0") from exc
-        raise
-    return problem
-
-
-def calibration_samples(problem: Problem) -> Batch:
-    """The samples every method is calibrated on, on every rank and every run: the first two."""
-    return first_samples(problem.probe1, problem.probe2, 2)
-
-
-def build_method(problem: Problem, name: str) -> KernelMethod:
-    """Method ``name``, bound to the model and calibrated on the first samples (once per call)."""
-    if name not in problem.methods:
-        kernel = METHODS[name](problem.f, problem.fn.mode, problem.num_outputs)
-        samples = calibration_samples(problem)
-        with kernel_context(keep_memory=False):  # (the budget goes unused: the block is given)
-            calibrate_on_first_block(kernel, samples, None, batch_size(samples), DEFAULT_MEMORY_BUDGET, keep=False)
-        problem.methods[name] = kernel
-    return problem.methods[name]
+def calibrated(fn: NTKFunction, problem: Problem, methods: dict[str, KernelMethod], name: str) -> KernelMethod:
+    """Method ``name`` calibrated on the first two samples, the same on every rank and every run
+    whatever the block size (once per call)."""
+    if name not in methods:
+        sizing = problem.sizing(problem.options.max_memory, partitioned=True)  # unused: the block is given
+        methods[name] = fn._calibrated(problem, fn._bound(name, problem), sizing, keep=False, block=2)[0]
+    return methods[name]
 
 
 def layout_of(kernel: KernelMethod) -> Any:
@@ -424,45 +327,26 @@ def layout_of(kernel: KernelMethod) -> Any:
     return {"groups": sorted(sorted(g) for g in layout.groups), "fallback": sorted(layout.fallback)}
 
 
-def choose(problem: Problem, block_size: int | None, working: int) -> dict[str, Any]:
-    """The plan of a fresh run: the method (auto: cheapest estimate at N1, N2) and the block size."""
-    name = problem.fn.method
+def choose(fn: NTKFunction, problem: Problem, methods: dict[str, KernelMethod], sizing: Sizing) -> dict[str, Any]:
+    """The plan of a fresh run: the method (auto: the cheapest estimate) and the block size."""
+    name = problem.options.method
     if name == "auto":
-        with kernel_context(keep_memory=False):
-            problem.f.batchable = vmap_failure(problem.f, first_samples(problem.probe1, problem.probe2, 1)) is None  # as ntk's auto: the costs differ when looped
-            plan, methods = make_plan(problem.f, problem.probe1, problem.probe2, problem.fn.mode, problem.num_outputs, working)
-        flops = {
-            n: estimate(m, problem.n1, None if problem.symmetric else problem.n2, plan.forward_flops, working) for n, m in methods.items()
-        }
-        name, _ = cheapest_usable(methods, flops, problem.probe1, working)
-        log.info("method auto: estimated GFLOP %s -> %s", {n: round(v / 1e9, 3) for n, v in flops.items()}, name)
-    kernel = build_method(problem, name)
-    # The largest block that fits: what a block's working set holds (its row factors) is what
-    # makes factors reusable, so a separate cache would only shrink it. When the block is capped
-    # below what the budget allows (N/8), the rest of the budget caches factors for reuse.
-    block = block_size or largest_block(problem, kernel, working)
-    return {"method": name, "block": int(block), "layout": layout_of(kernel)}
+        plan, _ = fn._plan(problem, sizing)
+        name = plan.chosen
+        log.info("method auto: estimated GFLOP %s -> %s", {n: round(v / 1e9, 3) for n, v in plan.flops.items()}, name)
+    method = calibrated(fn, problem, methods, name)
+    block = problem.options.block_size or sizing.block(method)
+    return {"method": name, "block": int(block), "layout": layout_of(method)}
 
 
-def block_bytes(problem: Problem, kernel: KernelMethod, block: int) -> int:
-    """The working set of blocks of ``block`` samples (:func:`~fastntk.scale.budget.working_bytes`)."""
-    return working_bytes(block, block, kernel.bytes_per_sample(), problem.input_bytes, problem.pair_bytes)
-
-
-def largest_block(problem: Problem, kernel: KernelMethod, working: int) -> int:
-    """The block size of a fresh plan: the largest whose working set fits ``working`` bytes."""
-    return block_for_budget(problem.n1, problem.n2, kernel.bytes_per_sample(), problem.input_bytes, problem.pair_bytes, working)
-
-
-def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, resume: bool, overwrite: bool,
-           block_size: int | None, working: int) -> tuple[dict[str, Any], set[tuple[int, int]], dict[str, Any] | None]:
+def decide(fn: NTKFunction, problem: Problem, methods: dict[str, KernelMethod], path: Path | None, prints: dict[str, Any],
+           resume: bool, overwrite: bool, sizing: Sizing) -> tuple[dict[str, Any], set[tuple[int, int]], dict[str, Any]]:
     """Rank 0: the plan, the blocks already finished, and the fingerprint every rank must match.
 
     Creates the output (or checks it for resuming) when ``path`` is given.
     """
     if path is None:
-        return choose(problem, block_size, working), set(), prints
-    assert prints is not None
+        return choose(fn, problem, methods, sizing), set(), prints
     folder = store.journal_dir(path)
     meta = None if overwrite else store.read_meta(path)
     if overwrite:
@@ -479,7 +363,7 @@ def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, r
         )
     shape, dtype = problem.shape, numpy_dtype(problem.f.dtype)
     if meta is None:
-        plan = choose(problem, block_size, working)
+        plan = choose(fn, problem, methods, sizing)
         store.create(path, shape, dtype, {"fingerprint": prints, "plan": plan, "shape": list(shape), "dtype": dtype.str,
                                           "symmetric": problem.symmetric})
         return plan, set(), prints
@@ -489,7 +373,7 @@ def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, r
             f"cannot resume {path}: it was started with other values of {', '.join(diffs)}; resume with the same ones, "
             "or pass overwrite=True to start afresh (or choose another out)"
         )
-    plan = replan(problem, meta["plan"], block_size, working)
+    plan = replan(fn, problem, methods, meta["plan"], sizing)
     changes = [f"{what} {meta['plan'][key]!r} then, {plan[key]!r} now" if key != "layout" else f"another {what}"
                for key, what in PLAN_PARTS.items() if plan[key] != meta["plan"][key]]
     if changes:  # the journal is rewritten to the new plan's blocks below: the record must say which
@@ -516,102 +400,21 @@ def decide(problem: Problem, path: Path | None, prints: dict[str, Any] | None, r
 PLAN_PARTS = {"method": "method", "block": "block size", "layout": "calibration of the structured method"}
 
 
-def replan(problem: Problem, stored: dict[str, Any], block_size: int | None, working: int) -> dict[str, Any]:
+def replan(fn: NTKFunction, problem: Problem, methods: dict[str, KernelMethod], stored: dict[str, Any], sizing: Sizing) -> dict[str, Any]:
     """The plan of a resumed run: the stored method and block size unless the call asks otherwise.
 
     ``method="auto"`` keeps the stored method, another names the one to use; ``block_size=None``
-    keeps the stored block size while it fits ``working`` bytes, else takes the largest that fits.
+    keeps the stored block size while it fits the budget, else takes the largest that fits.
     The plan never changes the kernel's values beyond float rounding (the methods are exact;
     another block size sums the same terms in another order), so a resume accepts any.
     """
-    name = stored["method"] if problem.fn.method == "auto" else problem.fn.method
-    kernel = build_method(problem, name)
-    block = block_size or stored["block"]
-    if block_size is None and block_bytes(problem, kernel, block) > working:
-        block = largest_block(problem, kernel, working)
-    return {"method": name, "block": int(block), "layout": layout_of(kernel)}
-
-
-def run_blocks(problem: Problem, kernel: KernelMethod, mine: list[Block], block: int, capacity: int,
-               sink: Callable[[Block, torch.Tensor], None], on_block: Callable[[Block], None] | None, bar: tqdm) -> FactorCache:
-    """Compute this rank's blocks in order, reusing factors through a cache of ``capacity`` bytes."""
-    shared = problem.symmetric and kernel.symmetric_factors  # a block's left factors serve as its right ones
-    other = problem.x1 if problem.x2 is None else problem.x2
-    rows_of, cols_of = ranges(problem.n1, block), ranges(problem.n2, block)
-    per_sample = kernel.bytes_per_sample()
-
-    def left_key(b: Block) -> tuple[str, int]:
-        return ("right", b.i) if shared else ("left", b.i)
-
-    def right_key(b: Block) -> tuple[str, int]:
-        return ("right", b.j)
-
-    # A block fetches its row (column) factors when they differ from those the previous block held.
-    fetch_left = [k == 0 or left_key(b) != left_key(mine[k - 1]) for k, b in enumerate(mine)]
-    fetch_right = []
-    held = None
-    for b in mine:
-        diagonal = shared and b.i == b.j
-        fetch_right.append(not diagonal and right_key(b) != held)
-        held = held if diagonal else right_key(b)
-    uses: list[tuple[str, int]] = []
-    for k, b in enumerate(mine):
-        uses += [left_key(b)] if fetch_left[k] else []
-        uses += [right_key(b)] if fetch_right[k] else []
-    cache = FactorCache(capacity, uses)
-
-    def factors(key: tuple[str, int]) -> Callable[[], Any]:
-        side, index = key
-        if side == "left":
-            rows = rows_of[index]
-            return lambda: kernel.left(problem.load(problem.x1, *rows))
-        cols = cols_of[index]
-        return lambda: kernel.right(problem.load(other, *cols))
-
-    def size(key: tuple[str, int]) -> int:
-        side, index = key
-        span = (rows_of if side == "left" else cols_of)[index]
-        return (span[1] - span[0]) * per_sample
-
-    t = -1
-    left: Any = None
-    right: Any = None
-    started, pairs = time.perf_counter(), 0
-    for k, b in enumerate(mine):
-        with torch.no_grad(), kernel_context(keep_memory=False):
-            if fetch_left[k]:
-                t += 1
-                left = cache.get(left_key(b), t, size(left_key(b)), factors(left_key(b)))
-            if fetch_right[k]:
-                t += 1
-                right = cache.get(right_key(b), t, size(right_key(b)), factors(right_key(b)))
-            current = left if shared and b.i == b.j else right
-            value = kernel.contracted(left, current)
-        if problem.fn.mean:
-            value = value / problem.num_outputs
-        if problem.check and not all_finite(value):
-            bad = (~torch.isfinite(value)).nonzero()[0]
-            raise NonFiniteError(
-                f"the kernel contains NaN or inf (first at pair data1[{b.rows[0] + int(bad[0])}], "
-                f"{'data1' if problem.symmetric else 'data2'}[{b.cols[0] + int(bad[1])}]) although inputs and parameters are "
-                "finite: the model's derivatives overflow or are undefined there; try dtype=torch.float64, or fix the model"
-            )
-        sink(b, value)
-        pairs += b.cost
-        log.debug("block (%d, %d) rows %s cols %s done", b.i, b.j, b.rows, b.cols)
-        if on_block is not None:
-            on_block(b)
-        elapsed = time.perf_counter() - started
-        bar.set_postfix_str(f"{pairs / max(elapsed, 1e-9):.3g} pairs/s", refresh=False)
-        bar.update()
-    return cache
-
-
-def place(result: torch.Tensor, b: Block, value: torch.Tensor, problem: Problem) -> None:
-    """Put a block (and its mirror, for a Gram matrix) into the in-memory result."""
-    result[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] = value
-    if problem.symmetric and b.i != b.j:
-        result[b.cols[0]:b.cols[1], b.rows[0]:b.rows[1]] = transpose_block(value, problem.fn.mode)
+    options = problem.options
+    name = stored["method"] if options.method == "auto" else options.method
+    method = calibrated(fn, problem, methods, name)
+    block = options.block_size or stored["block"]
+    if options.block_size is None and sizing.footprint(method).working(block, block) > sizing.budget:
+        block = sizing.block(method)
+    return {"method": name, "block": int(block), "layout": layout_of(method)}
 
 
 def gather(group: Group, parts: list[list[Block]], kept: list[tuple[Block, torch.Tensor]], result: torch.Tensor | None, problem: Problem) -> None:
@@ -625,7 +428,7 @@ def gather(group: Group, parts: list[list[Block]], kept: list[tuple[Block, torch
     assert result is not None
     for rank in range(1, group.world):
         for b in parts[rank]:
-            shape = block_shape(problem.fn.mode, b.rows[1] - b.rows[0], b.cols[1] - b.cols[0], problem.num_outputs)
+            shape = block_shape(problem.options.mode, b.rows[1] - b.rows[0], b.cols[1] - b.cols[0], problem.num_outputs)
             buffer = torch.empty(shape, dtype=result.dtype, device=result.device)
             group.recv(buffer, rank)
-            place(result, b, buffer, problem)
+            place(result, b, buffer, problem.symmetric, problem.options.mode)

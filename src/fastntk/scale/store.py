@@ -49,7 +49,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .._errors import FastNTKError, OptionError
-from .schedule import Block
+from ..blocks.schedule import Block
 
 try:
     import fcntl

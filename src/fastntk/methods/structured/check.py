@@ -27,7 +27,7 @@ import torch
 from ..._checks import tolerance
 from ..._functional import FunctionalModel
 from ..._inputs import Batch, batch_size
-from ..._modes import Mode, reduce_full
+from ...reduction import Mode, reduce_full
 from .factors import Factor
 
 Group = tuple[str, ...]

@@ -18,32 +18,8 @@ from typing import Literal
 import torch
 
 from ..._gemm import mm
-from ..._modes import Mode
-from ..jacobian import contract_jacobian_pair, is_output_major, jacobian_pair_flops, summed_over_outputs
-
-def dot_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
-    """X[n, m, s, t] = ⟨k1[n, s], k2[m, t]⟩ for keys (N, S, d)."""
-    n1, s1, d = k1.shape
-    n2, s2, _ = k2.shape
-    return mm(k1.reshape(n1 * s1, d), k2.reshape(n2 * s2, d).T).reshape(n1, s1, n2, s2).permute(0, 2, 1, 3)
-
-
-def index_gram(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
-    """X[n, m, s, t] = [k1[n, s] == k2[m, t]] for integer keys (N, S): the one-hot Gram, never one-hot."""
-    return (k1[:, None, :, None] == k2[None, :, None, :])
-
-
-def keys_gram(k1: torch.Tensor, k2: torch.Tensor, kind: Literal["dot", "index"], plus_one: bool, dtype: torch.dtype) -> torch.Tensor:
-    """X (N1, N2, S1, S2) of two factors' keys, plus 1 when the bias Jacobian is folded in."""
-    x = (dot_gram if kind == "dot" else index_gram)(k1, k2).to(dtype)
-    return x + 1 if plus_one else x
-
-
-def pair_contraction_flops(mode: Mode, positions: int, key_dim: int, num_outputs: int, e: int) -> float:
-    """FLOPs of contracting one pair of samples in the position-pair form: S² (d + O^k e),
-    k = 2 for full, else 1."""
-    return 2.0 * positions * positions * (key_dim + (num_outputs * num_outputs if mode == "full" else num_outputs) * e)
-
+from ...reduction import Mode
+from ..contraction import contract_jacobian_pair, is_output_major, jacobian_pair_flops, keys_gram, pair_contraction_flops, summed_over_outputs
 
 @dataclass
 class JacobianFactor:

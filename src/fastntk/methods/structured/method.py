@@ -10,7 +10,6 @@ so every model works and the kernel stays exact.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -21,10 +20,11 @@ from ..._gemm import fast_matmuls
 from ..._errors import ModelError
 from ..._functional import FunctionalModel
 from ..._inputs import Batch, batch_size, concat, same_batch, take
-from ..._modes import Mode, block_shape
+from ...reduction import Mode, block_shape
 from ..._process import quiet_fallbacks
-from ..base import KernelMethod
-from ..jacobian import contract_jacobian_pair, flat_jacobian, jacobian_bytes, per_sample_jacobians
+from ..base import KernelMethod, Kept
+from ..contraction import contract_jacobian_pair, flat_jacobian
+from ..jacobian import jacobian_bytes, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents, samples_of, shape_of
 from .chain import RowsCotangents, chain_cotangent_chunks, compact_uses
 from .check import failed_groups
@@ -111,9 +111,9 @@ class Layout:
     forward_flops: float
     """FLOPs of one sample's forward pass: matmuls and convolutions seen, plus 2 per parameter
     used by ops no FLOP rule covers (attention kernels and the like)."""
-    batched_backward: bool | None
-    """Whether the model's backward vmaps over outputs without falling back to loops (None: not
-    tried yet, the calibration block got its cotangents one output at a time)."""
+    batched_backward: bool
+    """Whether the model's backward vmaps over outputs without falling back to loops (False
+    also when calibration's block took one output per pass: it was not tried)."""
     direction_bytes: int
     """Bytes of one sample's cotangents for one output."""
     matmul_heavy: bool
@@ -128,29 +128,29 @@ class Layout:
 
     def output_chunk(self, n: int, num_outputs: int) -> int:
         """Outputs whose cotangents are computed together for a block of n samples."""
-        if self.batched_backward is False:
+        if not self.batched_backward:
             return 1
         return output_chunk(n, num_outputs, self.direction_bytes, self.matmul_heavy, n * self.forward_flops)
 
 
 class StructuredMethod(KernelMethod):
-    """Structured derivatives per parameter group, with the Jacobian fallback for the rest."""
+    """Structured derivatives per parameter group, with the Jacobian fallback for the rest.
+
+    Immutable once built: ``calibration`` (a :class:`Layout`, from :meth:`calibrated`) fixes
+    which groups are structured and which parameters fall back; ``estimate`` (a Layout read
+    off shapes by :meth:`estimated`) serves the cost model and block sizing before that.
+    """
 
     name = "structured"
-    calibration: Layout | None = None
-    size_estimate: int | None = None
-    """Bytes per sample from :meth:`estimate_size` (used to size blocks before calibrating)."""
-    estimated: Layout | None = None
-    """What :meth:`estimate_size` read off shapes: the layout calibration would find, unless
-    its check sends groups to the fallback (for the cost model, before any calibration)."""
-    kept: tuple[Batch, Factors | torch.Tensor] | None = None
-    """The calibration block and its structured factors, for the first ``left`` call on that
-    block; or, for a Gram matrix of that one block, its kernel, for the first ``gram`` call."""
-    probed_chain: bool = False
-    """Whether the size estimate's forward pass saw a chain (then calibration records no graph)."""
-    chain_allowed: bool = True
-    """Whether calibration may take the cotangents from the model's chain (False after the
-    check rejected them once)."""
+    calibration: Layout | None
+
+    def __init__(self, f: FunctionalModel, mode: Mode, num_outputs: int, calibration: Layout | None = None, estimate: Layout | None = None) -> None:
+        super().__init__(f, mode, num_outputs, calibration)
+        self.estimate = estimate
+
+    @property
+    def ready(self) -> bool:
+        return self.calibration is not None
 
     @property
     def compact_rows(self) -> bool:
@@ -173,28 +173,28 @@ class StructuredMethod(KernelMethod):
     @property
     def layout(self) -> Layout:
         """The calibrated layout, else the estimated one (for the cost model)."""
-        layout = self.calibration or self.estimated
-        assert layout is not None, "estimate_size or calibrate first"
+        layout = self.calibration or self.estimate
+        assert layout is not None, "estimated() or calibrated() first"
         return layout
 
-    def estimate_size(self, x: Batch) -> None:
-        """Estimate the bytes per sample and the layout from one forward pass on a few samples
-        (no backward pass, no kernel, no check); done once per method.
+    def estimated(self, x: Batch) -> "StructuredMethod":
+        """This method with the layout read off one forward pass on a few samples (no backward
+        pass, no kernel, no check): what calibration would find, unless its check sends groups
+        to the fallback (the engine then re-sizes its blocks).
 
         Each covered use's rule gives its factors' shapes (``Rule.factor_shapes``); one
         output's cotangents come on top, and the Jacobian rows of the parameters no rule
-        covers. The factors' kinds and contraction FLOPs (``estimated``) come from the same
-        shapes (no arithmetic). A chain model (:mod:`.chain`) whose
-        factors include compact ones in trace mode (``RowsPairFactor``) has its factors of
-        these few samples computed instead, no autograd needed. Calibration can still send
-        groups to the fallback (its check); the engine then re-sizes its blocks.
+        covers. The factors' kinds and contraction FLOPs come from the same shapes (no
+        arithmetic). A chain model (:mod:`.chain`) whose factors include compact ones in trace
+        mode (``RowsPairFactor``) has its factors of these few samples computed instead, no
+        autograd needed.
         """
-        if self.estimated is not None:
-            return
+        if self.calibration is not None or self.estimate is not None:
+            return self
         observed = capture(self.f, x, graph=False)
         n, o = observed.outputs.shape
         sizes = {name: p.numel() for name, p in self.f.primals.items()}
-        if observed.chain is not None and self.chain_allowed and self.compact_rows and compact_uses(observed.chain):
+        if observed.chain is not None and self.compact_rows and compact_uses(observed.chain):
             factors, conflicts = self.factors_of(observed, chunk=o, chain=True)
             total = sum(f.nbytes() for f in factors.values())
             costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in factors.items()}
@@ -208,10 +208,10 @@ class StructuredMethod(KernelMethod):
             shapes, conflicts = merge_uses(per_use, FactorShape.merge)
             costs = {group: (shape.kind, shape.pair_flops(self.mode, o)) for group, shape in shapes.items()}
         fallback = sorted(observed.unstructured & set(self.f.primals))
-        self.size_estimate = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
-        self.probed_chain = observed.chain is not None
+        size = total // n + direction_bytes(observed) + jacobian_bytes(self.f, o, fallback)
         structured, fallback_names = split_fallback(costs, observed.unstructured | conflicts)
-        self.estimated = self.layout_of(observed, structured, fallback_names, self.size_estimate, None, observed.chain is not None)
+        estimate = self.layout_of(observed, structured, fallback_names, size, True, observed.chain is not None)
+        return StructuredMethod(self.f, self.mode, self.num_outputs, estimate=estimate)
 
     def layout_of(
         self, observed: Capture, costs: dict[tuple[str, ...], tuple[str, float]], fallback: set[str], bytes_: int, batched: bool | None, chain: bool
@@ -244,44 +244,57 @@ class StructuredMethod(KernelMethod):
             factors.update(compact)
         return factors
 
-    def calibrate(self, x: Batch, keep: bool = False, gram: bool = False) -> None:
-        """Fix which parameter groups are structured, checking each against autograd.
+    def calibrated(self, x: Batch, keep: bool = False, whole: bool = False) -> tuple["StructuredMethod", Kept | None]:
+        """This method bound to the layout that the samples x show, each structured group
+        checked against autograd; and with ``keep`` what it computed for x.
 
         The factors of x are computed; then the check (:mod:`.check`) compares, on the first
         CHECKED_SAMPLES samples of x, what each group contributes to their kernel entries
         (contracted, or accumulated by the Gram stream) with autograd's gradients in random
         directions; a group that disagrees (an op used in a way its rule does not model,
-        samples reordered inside the model, ...) goes to the Jacobian fallback. Also
-        measures the factors' bytes per sample. With ``keep``, x's factors are kept for the
-        first ``left(x)``: calibrating on the first block costs only the check. With ``gram``
-        too (x is the whole of a Gram matrix's inputs), K(x, x) itself is kept for ``gram(x)``,
-        in trace and diagonal modes contracted as the factors come (:class:`GramStream`).
-        Reached only through the engine (:func:`fastntk._engine.calibrate_on_first_block`).
+        samples reordered inside the model, ...) goes to the Jacobian fallback. A chain's
+        hand-made cotangents (:mod:`.chain`) that disagree are dropped for autograd's. Also
+        measures the factors' bytes per sample. With ``keep``, x's factors (fallback included)
+        are returned for the engine's first ``left(x)``: calibrating on the first block costs
+        only the check. With ``whole`` too (x is all of a Gram matrix's inputs), K(x, x)
+        itself, in trace and diagonal modes contracted as the factors come (:class:`GramStream`).
+        Reached only through the engine (:func:`fastntk.blocks.engine.calibrate_on_first_block`).
         """
-        observed = capture_for(self.f, x, chain=self.probed_chain and self.chain_allowed)
+        graph_free = self.estimate is not None and self.estimate.chain  # the estimate saw a chain: no graph needed
+        outcome = self.calibrated_once(x, keep, whole, chain_allowed=True, graph_free=graph_free)
+        return outcome or self.calibrated_once(x, keep, whole, chain_allowed=False, graph_free=False)  # type: ignore[return-value]
+
+    def calibrated_once(
+        self, x: Batch, keep: bool, whole: bool, chain_allowed: bool, graph_free: bool
+    ) -> tuple["StructuredMethod", Kept | None] | None:
+        """:meth:`calibrated`, taking a chain's cotangents from :mod:`.chain` when allowed; None
+        when the check rejects those (then autograd's are to be used)."""
+        observed = capture_for(self.f, x, chain=graph_free and chain_allowed)
         n, o = observed.outputs.shape
         per_direction = direction_bytes(observed)
         heavy = observed.matmul_flops >= 0.5 * observed.flops > 0
         chunk = output_chunk(n, o, per_direction, heavy, observed.flops)
-        batched: bool | None = None
-        chain = observed.chain is not None and self.chain_allowed
+        chain = observed.chain is not None and chain_allowed
 
         def stream() -> GramStream | None:
-            return self.gram_stream(observed, observed.unstructured) if keep and gram else None
+            return self.gram_stream(observed, observed.unstructured) if keep and whole else None
 
         streamed = stream()
+        batched = True  # a chain's cotangents come without autograd, chunked as any
         if chain:
             factors, conflicts = self.factors_of(observed, chunk=chunk, fast=heavy, chain=True, stream=streamed)
-        elif chunk > 1:  # learn whether the backward pass vmaps over outputs
-            with quiet_fallbacks() as fallbacks:  # this thread's, without swapping the process's filters
-                try:
-                    factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True, fast=heavy, stream=streamed)
-                    batched = not fallbacks
-                except RuntimeError:  # an op whose backward cannot be vmapped over outputs
-                    batched = False
-        if not batched and not chain:
-            streamed = stream()
-            factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy, stream=streamed)
+        else:
+            batched = False
+            if chunk > 1:  # learn whether the backward pass vmaps over outputs
+                with quiet_fallbacks() as fallbacks:  # this thread's, without swapping the process's filters
+                    try:
+                        factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True, fast=heavy, stream=streamed)
+                        batched = not fallbacks
+                    except RuntimeError:  # an op whose backward cannot be vmapped over outputs
+                        pass
+            if not batched:  # (a block of one output per pass at calibration keeps one per pass)
+                streamed = stream()
+                factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy, stream=streamed)
         observed.outputs = shape_of(observed.outputs)  # free the graph before the check
         candidates, _ = split_fallback(factors, observed.unstructured | conflicts)
         probe = take(x, 0, min(n, CHECKED_SAMPLES))
@@ -289,8 +302,7 @@ class StructuredMethod(KernelMethod):
             failed = failed_groups(self.f, probe, self.mode, o, candidates, {} if streamed is None else streamed.probe)
         rejected = {name for group in failed for name in group}
         if chain and rejected:  # the chain's cotangents disagree with autograd's: leave it to autograd
-            self.chain_allowed = False
-            return self.calibrate(x, keep, gram)
+            return None
         structured, fallback = split_fallback(factors, observed.unstructured | conflicts | rejected)
         fallback_names = sorted(fallback & set(observed.primals))
         streamed_bytes = {} if streamed is None else streamed.nbytes
@@ -298,30 +310,22 @@ class StructuredMethod(KernelMethod):
         bytes_ = sum(streamed_bytes.get(g, f.nbytes()) for g, f in structured.items()) // n + per_direction
         bytes_ += jacobian_bytes(self.f, o, fallback_names)
         costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in structured.items()}
-        self.calibration = self.layout_of(observed, costs, fallback, bytes_, batched, chain)
-        self.kept = None
-        if keep and streamed is None:
-            self.kept = (x, structured)
-        elif keep and streamed is not None and set(streamed.nbytes) <= set(structured):  # no streamed group rejected
-            self.kept = (x, self.gram_from(streamed, structured, x))
+        method = StructuredMethod(self.f, self.mode, self.num_outputs, self.layout_of(observed, costs, fallback, bytes_, batched, chain))
+        if not keep:
+            return method, None
+        if streamed is None:
+            return method, Kept(factors=method.with_fallback(structured, x))
+        if set(streamed.nbytes) <= set(structured):  # no streamed group rejected
+            return method, Kept(kernel=method.gram_from(streamed, structured, x))
+        return method, None
 
     def gram_from(self, streamed: GramStream, factors: Factors, x: Batch) -> torch.Tensor:
         """K(x, x): what ``streamed`` accumulated plus the contraction of the other groups' factors."""
         rest = self.with_fallback({g: f for g, f in factors.items() if g not in streamed.nbytes}, x)
         return streamed.kernel.add_(self.contracted(rest, rest)) if rest else streamed.kernel
 
-    def take_kept(self, x: Batch, kernel: bool) -> Factors | torch.Tensor | None:
-        """What calibration kept for the block x (its kernel, or its factors), handed over once."""
-        if self.kept is None or not same_batch(self.kept[0], x) or isinstance(self.kept[1], torch.Tensor) is not kernel:
-            return None
-        kept, self.kept = self.kept[1], None
-        return kept
-
     def gram(self, x: Batch) -> torch.Tensor:
-        kernel = self.take_kept(x, kernel=True)
-        if isinstance(kernel, torch.Tensor):
-            return kernel
-        if self.calibration is None or self.kept is not None or self.mode not in GramStream.MODES:
+        if self.mode not in GramStream.MODES:
             return super().gram(x)
         factors, streamed = self.block_factors(x, streaming=True)
         assert streamed is not None
@@ -375,15 +379,12 @@ class StructuredMethod(KernelMethod):
         factors = {group: f for group, f in factors.items() if group in self.groups}
         if self.fallback:
             restricted = self.f.restrict(self.fallback)
-            jacobians = per_sample_jacobians(restricted, x, self.vmap_chunk)
+            jacobians = per_sample_jacobians(restricted, x)
             self.f.batchable = restricted.batchable  # False once vmap failed: later blocks loop at once
             factors.update({(name,): JacobianFactor(flat_jacobian(j)) for name, j in jacobians.items()})
         return factors
 
     def left(self, x: Batch) -> Factors:
-        factors = self.take_kept(x, kernel=False)
-        if isinstance(factors, dict):
-            return self.with_fallback(factors, x)
         return self.block_factors(x)[0]
 
     def block_factors(self, x: Batch, streaming: bool = False) -> tuple[Factors, GramStream | None]:
@@ -397,10 +398,7 @@ class StructuredMethod(KernelMethod):
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
         streamed = self.gram_stream(observed, observed.unstructured | set(self.fallback)) if streaming else None
-        if chain:
-            factors, conflicts = self.factors_of(observed, chunk, fast=heavy, chain=True, stream=streamed)
-        else:
-            factors, conflicts, streamed = self.autograd_factors(observed, chunk, heavy, streamed)
+        factors, conflicts = self.factors_of(observed, chunk, fast=heavy, chain=chain, stream=streamed)
         if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
             raise ModelError(
                 "the model uses its parameters differently from one block of inputs to another (data-dependent "
@@ -412,7 +410,7 @@ class StructuredMethod(KernelMethod):
         """For a chain model: one forward pass over x1 and x2 together (taller GEMMs, one pass's
         overhead), then each side's cotangents and factors from its own rows."""
         layout = self.calibration
-        if self.kept is not None or layout is None or not layout.chain:
+        if layout is None or not layout.chain:
             return super().left_and_right(x1, x2)
         n1 = batch_size(x1)
         with fast_matmuls(layout.matmul_heavy):
@@ -425,22 +423,6 @@ class StructuredMethod(KernelMethod):
             factors, _ = self.factors_of(part, layout.output_chunk(stop - start, part.outputs.shape[1]), fast=layout.matmul_heavy, chain=True)
             sides.append(self.with_fallback(factors, x))
         return sides[0], sides[1]
-
-    def autograd_factors(
-        self, observed: Capture, chunk: int, heavy: bool, streamed: GramStream | None
-    ) -> tuple[Factors, set[str], GramStream | None]:
-        """:meth:`factors_of` by autograd, learning on the first vmapped backward whether it can be."""
-        assert self.calibration is not None
-        try:
-            factors, conflicts = self.factors_of(observed, chunk, retain_graph=self.calibration.batched_backward is None, fast=heavy, stream=streamed)
-        except RuntimeError:
-            if chunk == 1 or self.calibration.batched_backward is not None:
-                raise
-            # first vmapped backward of this model, and it cannot be: one output at a time from now on
-            self.calibration = dataclasses.replace(self.calibration, batched_backward=False)
-            streamed = None if streamed is None else self.gram_stream(observed, observed.unstructured | set(self.fallback))
-            factors, conflicts = self.factors_of(observed, 1, fast=heavy, stream=streamed)
-        return factors, conflicts, streamed
 
     def contract(self, left: Factors, right: Factors) -> torch.Tensor:
         total = None
@@ -455,10 +437,8 @@ class StructuredMethod(KernelMethod):
         return total
 
     def bytes_per_sample(self) -> int:
-        if self.calibration is not None:
-            return self.calibration.bytes_per_sample
-        if self.size_estimate is not None:
-            return self.size_estimate
+        if self.calibration is not None or self.estimate is not None:
+            return self.layout.bytes_per_sample
         return jacobian_bytes(self.f, self.num_outputs)  # at most: every parameter in the fallback
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from ...._modes import Mode
+from ....reduction import Mode
 from ..factors import Factor, FactorShape
 
 if TYPE_CHECKING:

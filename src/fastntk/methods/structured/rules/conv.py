@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...._modes import Mode
+from ....reduction import Mode
 from ..conv_geometry import ARGUMENTS, ConvGeometry
 from ..factors import Factor, JacobianFactor
 from .base import Roles, Rule, Saved

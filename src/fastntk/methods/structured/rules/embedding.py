@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ...._modes import Mode
+from ....reduction import Mode
 from ..factors import Factor, FactorShape, PairFactor
 from .base import Roles, Rule, Saved
 

@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from ...._modes import Mode
+from ....reduction import Mode
 from ..chain import RowsCotangents
 from ..factors import Factor, FactorShape, JacobianFactor, PairFactor, RowsPairFactor
 from .base import Roles, Rule, Saved, position_sum

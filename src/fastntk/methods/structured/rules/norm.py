@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...._modes import Mode
+from ....reduction import Mode
 from ..factors import Factor, JacobianFactor
 from .base import Roles, Rule, Saved, position_sum
 

@@ -20,8 +20,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from torch.utils.data.dataloader import default_collate
 
-from .._errors import InputError
-from .._inputs import Batch
+from ._errors import InputError
+from ._inputs import Batch
 
 Select = Union[None, int, str, Callable[[Any], Any]]
 """Which part of each collated batch of a Dataset the model takes: None (all of it), an index
@@ -92,7 +92,10 @@ class ArraySource(Source):
             raise InputError(f"{name} holds no array: pass a tensor or numpy array batched on dim 0")
         for i, leaf in enumerate(leaves):
             if not isinstance(leaf, (torch.Tensor, np.ndarray)):
-                raise InputError(f"{name} contains a {type(leaf).__name__} (leaf {i}): pass tensors or numpy arrays batched on dim 0")
+                raise InputError(
+                    f"{name} contains a {type(leaf).__name__} (leaf {i}): every input must be a tensor or numpy array batched "
+                    "on dim 0; bind constant arguments into the model instead (e.g. functools.partial or a wrapper nn.Module)"
+                )
             if leaf.ndim == 0:
                 raise InputError(f"{name} has a 0-d array (leaf {i}): inputs must be batched on dim 0")
         sizes = {leaf.shape[0] for leaf in leaves}
@@ -100,6 +103,8 @@ class ArraySource(Source):
             raise InputError(f"the arrays of {name} have different numbers of samples {sorted(sizes)}: they must agree on dim 0")
         self.leaves = leaves
         self.n = sizes.pop()
+        if self.n == 0:
+            raise InputError(f"{name} is an empty batch (0 samples): pass at least one sample")
 
     def __len__(self) -> int:
         return self.n

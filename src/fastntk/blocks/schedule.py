@@ -1,6 +1,6 @@
 """Which blocks each rank computes, in which order, and which factors it keeps.
 
-Blocks are listed row by row (``_engine.block_pairs``: for a Gram matrix only j >= i). The
+Blocks are listed row by row (:func:`all_blocks`: for a Gram matrix only j >= i). The
 blocks still to compute are cut into one contiguous run per rank with equal total cost
 (cost = sample pairs of the block), so a rank meets few block rows and reuses their
 factors. The cut depends only on (N1, N2, block size, world size, finished blocks):
@@ -18,7 +18,10 @@ import bisect
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable
 
-from .._engine import block_pairs
+
+def ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of at most ``size`` covering 0..n (the last may be ragged)."""
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class Block:
 
 def all_blocks(n1: int, n2: int, size: int, symmetric: bool) -> list[Block]:
     """Every block to compute, row by row; for a Gram matrix only those on or above the diagonal."""
-    return [Block(i, j, rows, cols) for i, j, rows, cols in block_pairs(n1, n2, size, symmetric)]
+    rows, cols = ranges(n1, size), ranges(n2, size)
+    return [Block(i, j, r, c) for i, r in enumerate(rows) for j, c in enumerate(cols) if not symmetric or j >= i]
 
 
 def split(blocks: list[Block], world: int) -> list[list[Block]]:
