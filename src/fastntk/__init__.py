@@ -7,7 +7,7 @@ from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, Optio
 from .reference import reference_ntk
 from .scale import ResumeError, gram
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "ntk",

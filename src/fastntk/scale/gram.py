@@ -39,6 +39,7 @@ from ..methods import METHODS, KernelMethod
 from ..methods.per_sample import vmap_failure
 from ..plan import cheapest_usable, estimate, make_plan
 from . import store
+from .._version import __version__
 from .budget import block_for_budget, format_bytes, parse_memory, working_bytes
 from .data import DatasetSource, Select, Source, as_source
 from .distributed import Group, join
@@ -376,8 +377,6 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 def version() -> str:
-    from .. import __version__
-
     return __version__
 
 
