@@ -15,7 +15,7 @@ from .plan import Plan
 from .reference import reference_ntk
 from .scale import LockedError, ResumeError, gram
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 __all__ = [
     "ntk",

@@ -35,7 +35,7 @@ def peak() -> int:
 
 
 folder, n, budget = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-limited = fastntk.scale.budget.limit_heap_retention() if "--limit-heap" in sys.argv else False
+limited = fastntk.blocks.budget.limit_heap_retention() if "--limit-heap" in sys.argv else False
 model = zoo.mlp((32, 64, 64, 4)).eval()
 x = torch.randn(n, 32, generator=torch.Generator().manual_seed(0))
 np.save(folder / "x.npy", x.numpy())

@@ -10,7 +10,7 @@ import torch
 
 import fastntk
 from conftest import assert_kernel_close
-from fastntk.scale.budget import working_bytes
+from fastntk.blocks.budget import Footprint
 from gram_helpers import TwoInputs, inputs, mlp, save
 
 MODES = ["full", "trace", "diagonal", "trace_mean"]
@@ -56,11 +56,11 @@ def test_gram_computes_only_blocks_on_and_above_the_diagonal() -> None:
 
 
 def test_factors_computed_once_per_block_when_the_budget_holds_them(caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="fastntk.gram"):
+    with caplog.at_level(logging.INFO, logger="fastntk"):
         fastntk.gram(mlp(), inputs(23, 1), block_size=5, method="structured", progress=False)
     assert "factors of 5 blocks computed" in caplog.text  # 15 blocks, 5 blocks of samples
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="fastntk.gram"):
+    with caplog.at_level(logging.INFO, logger="fastntk"):
         fastntk.gram(mlp(), inputs(23, 1), inputs(17, 2), block_size=5, method="jacobian", progress=False)
     assert "factors of 9 blocks computed" in caplog.text  # 5 row blocks + 4 column blocks
 
@@ -71,7 +71,8 @@ def test_block_size_follows_the_budget() -> None:
     fastntk.gram(mlp(), inputs(61, 1), max_memory=budget, method="jacobian", progress=False, on_block=seen.append)
     size = seen[0].rows[1] - seen[0].rows[0]
     assert 1 < size < 30 and {b.rows[1] - b.rows[0] for b in seen} == {size, 61 % size}
-    assert working_bytes(size, size, 2 * 3 * 131 * 4, 5 * 4, 4) <= budget - 61 * 61 * 4 < working_bytes(size + 1, size + 1, 2 * 3 * 131 * 4, 5 * 4, 4)
+    footprint = Footprint(2 * 3 * 131 * 4, 2, 5 * 4, 4)
+    assert footprint.working(size, size) <= budget - 61 * 61 * 4 < footprint.working(size + 1, size + 1)
 
 
 class Pairs(torch.utils.data.Dataset):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastntk.scale import data
+from fastntk import sources as data
 from gram_helpers import inputs, save
 
 

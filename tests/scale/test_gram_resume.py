@@ -20,7 +20,7 @@ import torch
 import fastntk
 from conftest import assert_kernel_close
 from fastntk import ResumeError
-from fastntk._engine import block_pairs
+from fastntk.blocks.schedule import all_blocks
 from fastntk.scale import store
 from gram_helpers import env, inputs, mlp, save
 
@@ -139,7 +139,7 @@ def finished_mask(blocks, n: int) -> np.ndarray:
 def unfinished(first, n: int, block: int) -> list:
     """(rows, cols) of the Gram blocks of ``block`` samples not wholly within the ``first`` blocks."""
     before = finished_mask(first, n)
-    return [(r, c) for _, _, r, c in block_pairs(n, n, block, True) if not before[r[0]:r[1], c[0]:c[1]].all()]
+    return [(r, c) for r, c in ((b.rows, b.cols) for b in all_blocks(n, n, block, True)) if not before[r[0]:r[1], c[0]:c[1]].all()]
 
 
 @pytest.mark.parametrize("change", [dict(block_size=7), dict(block_size=3), dict(method="jacobian"), dict(block_size=4, method="vp")])

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import pytest
 
-from fastntk._engine import block_pairs
+from fastntk.blocks.schedule import all_blocks
 from fastntk.scale import store
 from fastntk.scale.schedule import Block
 from gram_helpers import env, inputs, mlp, save
@@ -135,7 +135,7 @@ def test_damaged_blocks_are_detected_and_recomputed(tmp_path, reference, caplog)
 def unfinished(first: list[Block]) -> list[tuple[int, int]]:
     """The 15 Gram blocks of 5 samples but ``first``, in order."""
     done = {(b.i, b.j) for b in first}
-    return [(i, j) for i, j, _, _ in block_pairs(N, N, BLOCK, True) if (i, j) not in done]
+    return [(i, j) for i, j in ((b.i, b.j) for b in all_blocks(N, N, BLOCK, True)) if (i, j) not in done]
 
 
 def test_forged_and_unknown_journal_lines_are_not_trusted(tmp_path, reference, caplog) -> None:

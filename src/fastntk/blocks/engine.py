@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -27,6 +29,8 @@ from .._inputs import Batch, all_finite, batch_size, concat
 from ..reduction import Mode, mean_over_outputs, transpose_block
 from ..methods.base import KernelMethod, Kept
 from .schedule import Block, FactorCache, ranges
+
+log = logging.getLogger("fastntk.blocks")
 
 Load = Callable[[int, int, int], Batch]
 """``load(side, start, stop)``: samples start:stop of x1 (side 1) or x2 (side 2) as the model takes them."""
@@ -147,10 +151,13 @@ def run(
         if bar is not None:
             bar.update()
 
+    started = time.perf_counter()
     cache = FactorCache(0, [])
     if len(mine) == 1 and mine[0].rows == (0, kernel.n1) and mine[0].cols == (0, kernel.n2):
         with kernel_context():
             finish(mine[0], one_block(kernel, mine[0], kept))
+        cache.computed = 1 if kernel.symmetric else 2
+        log_done(mine, cache, started)
         return cache
 
     def left_key(b: Block) -> tuple[str, int]:
@@ -202,7 +209,17 @@ def run(
             value = method.contracted(left, left if shared and b.i == b.j else right)
         unused.clear()  # calibration's factors serve the first block only
         finish(b, value)
+    log_done(mine, cache, started)
     return cache
+
+
+def log_done(mine: list[Block], cache: FactorCache, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    pairs = sum(b.cost for b in mine)
+    log.info(
+        "%d blocks, %.3g sample pairs in %.1f s (%.3g pairs/s); factors of %d blocks computed",
+        len(mine), pairs, elapsed, pairs / elapsed if elapsed else float("nan"), cache.computed,
+    )
 
 
 def one_block(kernel: Kernel, b: Block, kept: Kept | None) -> torch.Tensor:

@@ -39,6 +39,7 @@ from ..blocks.schedule import Block, all_blocks, in_bands, split
 from ..methods import KernelMethod
 from ..sources import Select
 from . import store
+from .._version import __version__
 from .distributed import Group, join
 from .fingerprint import differences, fingerprint
 from .store import ResumeError
@@ -265,19 +266,12 @@ def compute(fn: NTKFunction, problem: Problem, group: Group, path: Path | None, 
         initial=len(blocks) - len(remaining) if not group.distributed else 0,
         desc="gram blocks" if not group.distributed else f"gram blocks (rank 0 of {group.world})",
     )
-    started = time.perf_counter()
     try:
-        cache = run(problem.kernel(method), mine, block, capacity, sink, bar=bar, on_block=on_block)
+        run(problem.kernel(method), mine, block, capacity, sink, bar=bar, on_block=on_block)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
-    elapsed = time.perf_counter() - started
-    pairs = sum(b.cost for b in mine)
-    log.info(
-        "rank %d: %d blocks, %.3g sample pairs in %.1f s (%.3g pairs/s); factors of %d blocks computed",
-        group.rank, len(mine), pairs, elapsed, pairs / elapsed if elapsed else float("nan"), cache.computed,
-    )
 
     if path is None:
         gather(group, parts, kept, result, problem)
@@ -305,8 +299,6 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 def version() -> str:
-    from .. import __version__
-
     return __version__
 
 

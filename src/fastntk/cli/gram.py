@@ -1,4 +1,5 @@
-"""``fastntk gram``: the command line of :func:`fastntk.gram` (registered by ``fastntk.cli``)."""
+"""``fastntk gram``: the command line of :func:`fastntk.gram`, a large kernel computed block by
+block into a .npy file, resumable, shared between torchrun ranks."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
-from . import store
-from ..blocks.budget import limit_heap_retention, parse_memory
-
-MODES = ("trace", "trace_mean", "diagonal", "full")
+from .._errors import FastNTKError
+from ..scale import store
+from ..blocks.budget import limit_heap_retention
+from .errors import PROG, CLIError
+from .loading import load_batch, load_model, model_device, split_key
+from .options import add_kernel_options, gram_options, in_cli_terms
+from .summary import count_parameters, describe_batch, peak_rss_mib
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     """Add the ``gram`` subcommand to the ``fastntk`` parser's subcommands."""
-    from ..cli import PROG, method_choices, positive_int
-
     gram = commands.add_parser(
         "gram",
         help="compute a large kernel block by block into a .npy file (resumable, multi-process)",
@@ -62,21 +65,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     what.add_argument("--seed", type=int, default=0, help="seed of a --model factory and of the default model (default 0)")
 
     how = gram.add_argument_group("kernel")
-    how.add_argument(
-        "--mode", choices=MODES, default="trace",
-        help="trace: (N1, N2), sum over outputs (default); trace_mean: the mean; diagonal: (N1, N2, O); full: (N1, N2, O, O)",
+    add_kernel_options(
+        how,
+        device_help="cpu, cuda, cuda:1, ...: where to compute; under torchrun 'cuda' means cuda:LOCAL_RANK (default: where the model is)",
     )
-    how.add_argument("--method", choices=method_choices(), default="auto", help="exact method (default: auto)")
-    how.add_argument("--dtype", choices=("float32", "float64"), help="compute in this dtype (default: the model's)")
-    how.add_argument(
-        "--device",
-        help="cpu, cuda, cuda:1, ...: where to compute; under torchrun 'cuda' means cuda:LOCAL_RANK (default: where the model is)",
-    )
-    how.add_argument(
-        "--max-memory", default="4GB", metavar="SIZE",
-        help="memory for factors, one output block and input blocks, e.g. 2GB, 512MiB (default: 4GB)",
-    )
-    how.add_argument("--block-size", type=positive_int, metavar="N", help="samples per block (default: from --max-memory)")
 
     out = gram.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", default="gram.npy", help="the .npy file to write (default: gram.npy)")
@@ -92,8 +84,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 def load_input(spec: str, flag: str) -> Any:
     """A .npy path (read lazily by fastntk.gram) or a batch loaded by the 'compute' loaders."""
-    from ..cli import CLIError, load_batch, split_key
-
     path, key = split_key(spec)
     if Path(path).suffix.lower() == ".npy":
         if key is not None:
@@ -105,8 +95,7 @@ def load_input(spec: str, flag: str) -> Any:
 
 
 def describe_input(x: Any) -> str:
-    from ..cli import describe_batch
-
+    """Shape, dtype and source of an input: a .npy path (read by its header) or a loaded batch."""
     if isinstance(x, str):
         array = np.load(x, mmap_mode="r", allow_pickle=False)
         text = f"{tuple(array.shape)} {array.dtype}  from {x} (read by row ranges)"
@@ -133,20 +122,14 @@ def run_gram(args: argparse.Namespace) -> int:
     """``fastntk gram``: load, compute block by block into --out, summarise."""
     import fastntk
 
-    from ..cli import CLIError, count_parameters, load_model, model_device, peak_rss_mib
-
     rank = int(os.environ.get("RANK", "0"))
     configure_logging(args, rank)
     limit_heap_retention()  # this process is ours: keep its RSS near --max-memory
     say: Callable[..., None] = (lambda *a, **k: None) if args.quiet or rank != 0 else print
     try:
-        budget = parse_memory(args.max_memory, "--max-memory")
-    except fastntk.FastNTKError as exc:
-        raise CLIError(str(exc)) from None
-    try:
         out_path = store.check_out_path(args.out)
-    except fastntk.FastNTKError as exc:
-        raise CLIError(str(exc).replace("out=", "--out ")) from None
+    except FastNTKError as exc:
+        raise CLIError(in_cli_terms(str(exc))) from None
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     model, model_label = load_model(args)
@@ -157,23 +140,19 @@ def run_gram(args: argparse.Namespace) -> int:
         x1 = move(x1, device)
     if x2 is not None and not isinstance(x2, str):
         x2 = move(x2, device)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
 
     say(f"fastntk {fastntk.__version__}: kernel block by block")
     say(f"model     {model_label}: P = {count_parameters(model):,} parameters, {'training' if model.training else 'eval'} mode, {device}")
     say(f"x1        {describe_input(x1)}")
     say(f"x2        {describe_input(x2) if x2 is not None else 'None: the Gram matrix K(x1, x1)'}")
-    say(f"mode      {args.mode}, max memory {args.max_memory} ({budget:,} bytes)")
+    say(f"mode      {args.mode}, max memory {args.max_memory} ({args.max_memory.bytes:,} bytes)")
     sys.stdout.flush()
     start = time.perf_counter()
     try:
         kernel = fastntk.gram(
-            model, x1, x2, mode=args.mode, method=args.method, max_memory=budget, out=out_path, resume=args.resume,
-            overwrite=args.overwrite, block_size=args.block_size, dtype=dtype, progress=not args.quiet and rank == 0,
-            durable=not args.no_fsync,
+            model, x1, x2, **gram_options(args), out=out_path, resume=args.resume, overwrite=args.overwrite,
+            progress=not args.quiet and rank == 0, durable=not args.no_fsync,
         )
-    except (fastntk.ResumeError, fastntk.OptionError) as exc:
-        raise type(exc)(in_cli_terms(str(exc))) from exc
     except KeyboardInterrupt:
         under = "the same torchrun options and " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         raise KeyboardInterrupt(
@@ -197,7 +176,6 @@ def run_gram(args: argparse.Namespace) -> int:
 def resume_command(argv: list[str]) -> str:
     """The command line that continues a run of ``fastntk gram`` with these arguments: --resume
     instead of --overwrite (and of their abbreviations), quoted for a POSIX shell."""
-    from ..cli import PROG
 
     def resume_or_overwrite(arg: str) -> bool:
         return len(arg) > 2 and arg.startswith("--") and ("--resume".startswith(arg) or "--overwrite".startswith(arg))
@@ -205,16 +183,6 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join([PROG, *(a for a in argv if not resume_or_overwrite(a)), "--resume"])
 
 
-def in_cli_terms(message: str) -> str:
-    """A library message with the options named as the command line spells them."""
-    for library, flag in (("resume=True", "--resume"), ("overwrite=True", "--overwrite"), ("block_size=", "--block-size "),
-                          ("block_size", "--block-size"), ("max_memory=", "--max-memory "), ("max_memory", "--max-memory"),
-                          ("method=", "--method "), ("out=", "--out ")):
-        message = message.replace(library, flag)
-    return message
-
-
 def move(x: Any, device: torch.device) -> Any:
-    from torch.utils import _pytree as pytree
-
+    """A batch moved to ``device``."""
     return pytree.tree_map(lambda t: t.to(device), x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import shlex
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ import torch
 import fastntk
 from fastntk import cli
 from fastntk.scale import store
-from gram_helpers import inputs, save
 
 NETS = textwrap.dedent(
     """
@@ -37,6 +37,15 @@ def files(tmp_path, monkeypatch):
     return tmp_path
 
 
+def inputs(n: int, seed: int, dim: int = 5) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def save(path: Path, x: torch.Tensor) -> Path:
+    np.save(path, x.numpy())
+    return path
+
+
 def gram(*args: str) -> int:
     return cli.main(["gram", "--model", "nets.py:make", "--x1", "x.npy", "--block-size", "5", *args])
 
@@ -53,7 +62,7 @@ def test_gram_writes_the_library_result(files, capsys) -> None:
     expected = fastntk.gram(model(), "x.npy", mode="full", block_size=5, out=files / "lib.npy", progress=False)
     assert filecmp.cmp(files / "k.npy", files / "lib.npy", shallow=False)
     assert expected.shape == (23, 23, 3, 3)
-    assert gram("--x2", "y.npy", "--out", "xy.npy", "--quiet") == 0
+    assert gram("--x2", "y.npy", "--out", "xy.npy", "--mode", "trace", "--quiet") == 0
     assert capsys.readouterr().out.strip() == str((files / "xy.npy").resolve())
     assert np.load(files / "xy.npy").shape == (23, 17)
 
@@ -106,5 +115,21 @@ def test_gram_interrupted_says_how_to_resume(files, capsys, monkeypatch) -> None
     assert len(store.read_journals(files / "k.npy")[0]) == 3
     monkeypatch.setattr(store.Writer, "record", record)
     assert cli.main(shlex.split(command)[1:]) == 0  # the command it names continues the run
-    fastntk.gram(model(), "x.npy", block_size=5, out=files / "lib.npy", progress=False)
+    fastntk.gram(model(), "x.npy", mode="full", block_size=5, out=files / "lib.npy", progress=False)  # the CLI's default mode
     assert filecmp.cmp(files / "k.npy", files / "lib.npy", shallow=False)
+
+
+def test_gram_default_mode_is_full_and_passed_explicitly(files, capsys, monkeypatch) -> None:
+    """The CLI's vocabulary is the library's: --mode full by default (as for compute), handed to
+    fastntk.gram by name whatever the library's own default, and --max-memory in bytes."""
+    calls, library = [], fastntk.gram
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return library(*args, **kwargs)
+
+    monkeypatch.setattr(fastntk, "gram", spy)
+    assert gram("--out", "k.npy", "--max-memory", "1000000") == 0
+    assert "mode      full, max memory 1000000 (1,000,000 bytes)" in capsys.readouterr().out
+    assert np.load(files / "k.npy").shape == (23, 23, 3, 3)
+    assert calls[0]["mode"] == "full" and calls[0]["max_memory"] == 1_000_000 and calls[0]["block_size"] == 5

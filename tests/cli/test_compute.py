@@ -16,6 +16,7 @@ import torch
 
 import fastntk
 from fastntk import cli, zoo
+from fastntk.cli import compute
 
 NETS = textwrap.dedent(
     """
@@ -316,13 +317,41 @@ def test_dtype_float64(work, capsys):
     assert read(work / "ntk.npy").dtype == torch.float64
 
 
-@pytest.mark.parametrize("method", fastntk._api.method_names())
-def test_methods_and_chunk_size(work, capsys, method):
-    out = run_ok(capsys, "--model", "nets.py:make", "--x1", "a.npy", "--method", method, "--chunk-size", "2", "--device", "cpu")
+@pytest.mark.parametrize("method", fastntk._options.METHOD_NAMES)
+def test_methods_and_block_size(work, capsys, method):
+    out = run_ok(capsys, "--model", "nets.py:make", "--x1", "a.npy", "--method", method, "--block-size", "2", "--device", "cpu")
     model = seeded_factory(load_nets(work / "nets.py").make, 0)
     torch.testing.assert_close(read(work / "ntk.npy"), fastntk.ntk(model, inputs(work, "a")[0]))
     if method != "auto":
         assert f"method    {method}\n" in out
+
+
+@pytest.mark.parametrize("size, nbytes", [("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("300000", 300000)])
+def test_max_memory_sizes(work, capsys, size, nbytes):
+    out = run_ok(capsys, "--model", "nets.py:make", "--x1", "a.npy", "--max-memory", size)
+    assert f"max memory {size} ({nbytes:,} bytes)" in out
+    model = seeded_factory(load_nets(work / "nets.py").make, 0)
+    torch.testing.assert_close(read(work / "ntk.npy"), fastntk.ntk(model, inputs(work, "a")[0]))
+
+
+def test_max_memory_default_is_4gb(work, capsys):
+    out = run_ok(capsys, "--model", "nets.py:make", "--x1", "a.npy")
+    assert "max memory 4GB (4,000,000,000 bytes)" in out
+
+
+def test_deprecated_chunk_size_still_works_and_warns(work, capsys):
+    """--chunk-size is the old spelling of --block-size: hidden from --help, same result, a note on stderr."""
+    code = cli.main(["compute", "--model", "nets.py:make", "--x1", "a.npy", "--chunk-size", "2", "--out", "old.npy"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "fastntk: warning: --chunk-size is deprecated" in err and "use --block-size" in err
+    run_ok(capsys, "--model", "nets.py:make", "--x1", "a.npy", "--block-size", "2", "--out", "new.npy")
+    torch.testing.assert_close(read(work / "old.npy"), read(work / "new.npy"))
+    assert cli.main(["compute", "--chunk-size", "0"]) == 2
+    assert "not a positive integer" in capsys.readouterr().err
+    assert cli.main(["compute", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--block-size" in out and "--max-memory" in out and "--chunk-size" not in out
 
 
 # ---------------------------------------------------------------------------- errors
@@ -354,7 +383,8 @@ ERRORS = {
     "out directory": (["--x1", "a.npy", "--out", "nodir/k.npy"], "does not exist"),
     "bad mode": (["--x1", "a.npy", "--mode", "sum"], "invalid choice"),
     "bad method": (["--x1", "a.npy", "--method", "magic"], "invalid choice"),
-    "bad chunk size": (["--x1", "a.npy", "--chunk-size", "0"], "not a positive integer"),
+    "bad block size": (["--x1", "a.npy", "--block-size", "0"], "not a positive integer"),
+    "bad max memory": (["--x1", "a.npy", "--max-memory", "lots"], "'lots' is not a memory size"),
     "bad device": (["--x1", "a.npy", "--device", "toaster"], "--device"),
     "unknown option": (["--x1", "a.npy", "--frobnicate"], "unrecognized arguments"),
 }
@@ -393,7 +423,7 @@ def test_unexpected_error_exits_1(work, capsys, monkeypatch, debug):
     def explode(*_):
         raise RuntimeError("disk\non fire")
 
-    monkeypatch.setattr(cli, "save_kernel", explode)
+    monkeypatch.setattr(compute, "save_kernel", explode)
     assert cli.main(["compute", "--model", "nets.py:make", "--x1", "a.npy", *(["--debug"] if debug else [])]) == 1
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
