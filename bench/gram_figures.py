@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import fastntk
     from fastntk import zoo
-    from fastntk.scale.budget import limit_heap_retention
+    from fastntk.blocks.budget import limit_heap_retention
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     limit_heap_retention()  # as `fastntk gram` does
@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     before = vm("VmRSS")
     blocks = []
     start = time.perf_counter()
-    kernel = fastntk.gram(model, path, out=args.out, max_memory=args.max_memory, progress=False, overwrite=rank == 0 and not args.resume,
+    kernel = fastntk.gram(model, path, mode="trace", out=args.out, max_memory=args.max_memory, overwrite=rank == 0 and not args.resume,
                           resume=args.resume, on_block=blocks.append)
     elapsed = time.perf_counter() - start
     meta = json.loads((Path(args.out + ".blocks") / "meta.json").read_text())

@@ -11,7 +11,7 @@ layer inputs and output cotangents. They differ in the contraction:
 
 [FP] is counted by the structured method's capture (matmuls and convolutions). Nothing here
 computes a kernel or calibrates: the structured method's layout comes from one forward pass
-on one sample (``StructuredMethod.estimate_size``), or from its calibration when an earlier
+on one sample (``StructuredMethod.estimated``), or from its calibration when an earlier
 call made one. Factors that do not fit the memory budget beside a block are recomputed for
 every block row, which the model counts.
 """

@@ -19,7 +19,7 @@ import pytest
 
 from fastntk.blocks.schedule import all_blocks
 from fastntk.scale import store
-from fastntk.scale.schedule import Block
+from fastntk.blocks.schedule import Block
 from gram_helpers import env, inputs, mlp, save
 from test_gram_resume import BLOCK, N, Stop, journaled, reference, run, stop_after  # noqa: F401 (reference: a fixture)
 

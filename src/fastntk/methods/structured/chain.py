@@ -120,9 +120,9 @@ class Step:
 
     def adjoint(self, g: torch.Tensor, sample_shape: tuple[int, ...]) -> torch.Tensor:
         """The cotangents of an affine map's input from those of its output g (B, ...): its
-        vector-Jacobian product, taken at zeros (the map's linear part is the same everywhere;
-        plain autograd: torch.func's first use in a process imports torch._dynamo, ~0.6 s; and
-        of a scalar: torch's first ``grad_outputs`` imports sympy, ~0.3 s)."""
+        vector-Jacobian product, taken at zeros (the map's linear part is the same everywhere).
+        Plain autograd of a scalar: torch.func and ``grad_outputs`` would import torch._dynamo
+        and sympy on their first use in a process, a cost the first call would pay."""
         assert self.affine is not None
         with torch.enable_grad():
             zeros = g.new_zeros((), requires_grad=True).expand(g.shape[0], *sample_shape)

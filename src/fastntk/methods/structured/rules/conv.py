@@ -6,7 +6,7 @@ all samples: the samples become groups, so their gradients are not summed. When 
 output channel sees only a few inputs (C_in/groups · kernel size <= SMALL_PATCH, e.g. a
 first layer on RGB images or a depthwise convolution), 1d/2d convolutions use the input's
 patches (im2col) and batched GEMMs instead: oneDNN's grouped weight-gradient kernel for
-so few channels per group is slow, and its first call in a process costs ~30 ms of set-up.
+so few channels per group is slow, and its first call in a process has a set-up cost.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def input_patches(saved: Saved) -> torch.Tensor:
 
 def patch_weight_jacobian(patches: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The Jacobians from patches (N, G, C_in/G·k, L) and g (N, O, C_out, L): GEMMs per (sample,
-    group), one output at a time, computed as patches @ gᵀ (MKL runs that orientation about
-    1.7x faster than g @ patchesᵀ on a first layer's shapes) and transposed into place."""
+    group), one output at a time, computed as patches @ gᵀ (MKL runs that orientation faster
+    than g @ patchesᵀ on a first layer's shapes: ``bench/gemm.py``) and transposed into place."""
     n, o, c_out = g.shape[:3]
     groups, width = patches.shape[1:3]
     flat = patches.reshape(n * groups, width, -1)
