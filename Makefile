@@ -2,12 +2,13 @@
 #   make demo   installs fastntk in .venv and runs `fastntk compute` on its built-in default
 #   make test   installs fastntk with its test extras in .venv and runs the test suite
 #   make fuzz   the long run of the differential fuzzer (tests/fuzz): FUZZ_EXAMPLES per family
+#   make docs   installs the docs extra in .venv and builds the documentation site (site/) with --strict
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install install-test demo test fuzz bench
+.PHONY: install install-test demo test fuzz bench docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +32,7 @@ fuzz: install-test
 
 bench: install
 	$(BIN)/python bench/run.py
+
+docs: $(BIN)/python
+	$(PIP) -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
