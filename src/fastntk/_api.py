@@ -58,7 +58,7 @@ class NTKFunction:
             (N1, N2, O, O) for "full", (N1, N2) for "trace"/"trace_mean", (N1, N2, O) for "diagonal".
 
         Raises:
-            InputError, ModelError, SelectionError, OptionError, NonFiniteError: see the messages.
+            FastNTKError: as :func:`ntk`.
         """
         if keep_heap_requested():
             keep_freed_memory()
@@ -271,7 +271,12 @@ def ntk(
         The kernel on the model's device, in its dtype (or ``dtype``).
 
     Raises:
-        InputError, ModelError, SelectionError, OptionError, NonFiniteError (all FastNTKError).
+        InputError: inputs of the wrong structure, shape or kind.
+        ModelError: a model whose per-sample NTK is not defined as asked (batch statistics,
+            randomness, a failing or input-modifying forward).
+        SelectionError: a bad ``params`` selection.
+        OptionError: a bad option, or a ``max_memory`` too small for one sample or the result.
+        NonFiniteError: NaN or inf in the inputs, parameters or result (then it carries the kernel).
 
     Example:
         >>> import torch, fastntk

@@ -100,8 +100,10 @@ def gram(
             by row range), or a map-style ``torch.utils.data.Dataset`` or a ``DataLoader``
             over one without shuffling (items collated by its ``collate_fn``).
         x2: N2 samples of the same kind, or None for the Gram matrix K(x1, x1).
-        mode, method, params, dtype, check: as in :func:`fastntk.ntk`. Floating inputs are cast
-            to the compute dtype block by block.
+        mode: as in :func:`fastntk.ntk`.
+        method: as in :func:`fastntk.ntk`.
+        params: as in :func:`fastntk.ntk`.
+        dtype: as in :func:`fastntk.ntk`; floating inputs are cast to it block by block.
         block_size: samples per block (default: the largest that fits ``max_memory``, cut to at
             least 8 block rows of at least 64 samples when written to ``out`` or shared by ranks;
             a resume keeps the stored one while it fits).
@@ -109,6 +111,7 @@ def gram(
             one output block with its copies, and the input blocks, beyond the process's
             baseline (torch, the model, inputs already in memory). Without ``out`` it also
             holds the result, which must fit it.
+        check: as in :func:`fastntk.ntk`.
         progress: a progress bar (blocks done/total, rate, ETA) on rank 0.
         out: a .npy path: the kernel is written there block by block (returned as a
             read-only ``np.memmap``), with a journal in ``<out>.blocks/``. None: in memory.
