@@ -68,7 +68,7 @@ class Problem:
         """How blocks of this kernel are sized within ``budget`` bytes (``partitioned``: blocks
         are units of work shared between ranks or written to disk; ``reserved``: bytes of
         max_memory already taken, e.g. by the result)."""
-        rows = min_block_rows(self.symmetric, partitioned)
+        rows = min_block_rows(partitioned)
         return Sizing(self.n1, self.n2, self.symmetric, self.input_bytes, self.pair_bytes, budget, rows, reserved)
 
     def load(self, side: int, start: int, stop: int) -> Batch:

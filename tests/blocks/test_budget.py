@@ -40,9 +40,8 @@ def test_block_size_fits_and_is_the_largest(n1, n2, factor, inp, pair, memory, s
 
 def test_block_size_cuts_a_kernel_into_rows() -> None:
     footprint = Footprint(10, 2, 10, 4)
-    assert block_size(600, 600, footprint, 10**9, min_rows=min_block_rows(True, partitioned=True)) == 75  # 8 block rows
-    assert block_size(600, 600, footprint, 10**9, min_rows=min_block_rows(True, partitioned=False)) == 150  # 4 block rows
-    assert block_size(600, 500, footprint, 10**9, min_rows=min_block_rows(False, partitioned=False)) == 600  # one block pair
+    assert block_size(600, 600, footprint, 10**9, min_rows=min_block_rows(partitioned=True)) == 75  # 8 block rows
+    assert block_size(600, 500, footprint, 10**9, min_rows=min_block_rows(partitioned=False)) == 600  # one block
     assert block_size(100, 100, footprint, 10**9, min_rows=8) == 64  # not below 64 samples
 
 

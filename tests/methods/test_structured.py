@@ -237,13 +237,9 @@ def test_backward_vmapped_over_outputs_only_where_it_pays() -> None:
 
 @pytest.mark.parametrize("mode", ["trace", "diagonal", "full"])
 @pytest.mark.parametrize("case", ["tutorial_cnn", "conv2d_groups", "sequence_long", "tied", "chain_shared"])
-def test_gram_of_one_block_contracts_jacobians_as_they_come(case: str, mode: str) -> None:
-    """K(x, x) of one block: in trace and diagonal modes the per-sample Jacobians of single-use
-    groups are contracted output by output and not kept (their first samples stay for the
-    check); first call (calibration) and later calls agree with the reference."""
-    from fastntk.methods.structured.factors import JacobianFactor
-    from fastntk.methods.structured.method import CHECKED_SAMPLES
-
+def test_gram_of_one_block_reuses_calibration_factors(case: str, mode: str) -> None:
+    """K(x, x) of one block: calibration keeps the block's factors (fallback included) for the
+    engine, and the first call (calibration) and later calls agree with the reference."""
     c = CASES_BY_NAME[case]
     model = c.build(torch.float64)
     x = c.draw(5, torch.float64)
@@ -252,14 +248,6 @@ def test_gram_of_one_block_contracts_jacobians_as_they_come(case: str, mode: str
     assert_kernel_close(fn(x), expected, torch.float64)
     assert_kernel_close(fn(x), expected, torch.float64)
     f = FunctionalModel.build(model)
-    method = StructuredMethod(f, mode, num_outputs(f, x))
-    method, kept = method.calibrated(x, keep=True, whole=True)
-    assert (kept.kernel is not None) is (mode != "full")  # the kernel itself, or the factors
-    assert_kernel_close(method.gram(x), expected, torch.float64)
-    factors, streamed = method.block_factors(x, streaming=mode != "full")
-    assert (streamed is not None) is (mode != "full")
-    if streamed is not None:  # convolutions' and long sequences' Jacobians; none of tied uses or of pair factors
-        assert bool(streamed.nbytes) is (case in ("tutorial_cnn", "conv2d_groups", "sequence_long"))
-    for group, factor in factors.items():
-        if streamed is not None and group in streamed.nbytes:
-            assert isinstance(factor, JacobianFactor) and factor.jacobian.shape[0] == CHECKED_SAMPLES
+    method, kept = StructuredMethod(f, mode, num_outputs(f, x)).calibrated(x, keep=True)
+    assert set(kept.factors) == set(method.groups) | {(name,) for name in method.fallback}
+    assert_kernel_close(method.contract(kept.factors, kept.factors), expected, torch.float64)

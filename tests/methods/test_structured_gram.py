@@ -150,26 +150,6 @@ def test_check_catches_a_corrupted_group_with_tiny_gradients(mode: str, monkeypa
     assert method.fallback == sorted(corrupted)
 
 
-@pytest.mark.parametrize("name", ["conv_twice", "norm_twice"])
-def test_check_catches_a_stream_that_contracts_uses_apart(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the Gram stream accumulated is checked too: a stream taking every use alone (the
-    former bug: no cross terms between a group's uses) fails it, its groups go to the
-    fallback and the streamed kernel is not kept."""
-    from fastntk.methods.structured import method as structured
-
-    def every_use(self, observed, fallback):  # noqa: ANN001, ANN202
-        n, o = observed.outputs.shape
-        return structured.GramStream(self.mode, n, o, set(range(len(observed.uses))), min(n, structured.CHECKED_SAMPLES), observed.outputs)
-
-    model, x = build(name, torch.float64)
-    monkeypatch.setattr(structured.StructuredMethod, "gram_stream", every_use)
-    method = StructuredMethod(FunctionalModel.build(model), "trace", 4 if name == "conv_twice" else 3)
-    method, kept = method.calibrated(x, keep=True, whole=True)
-    shared = {p for p, _ in model.named_parameters() if p.startswith(name.split("_")[0])}
-    assert shared <= set(method.fallback)
-    assert kept is None
-
-
 class ManyOutputs(SmallBranch):
     """SmallBranch with O = 40 outputs: more than the check's CHECKED_OUTPUTS."""
 

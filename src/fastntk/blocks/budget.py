@@ -62,18 +62,17 @@ class Footprint:
         return factors * self.factor_bytes + INPUT_COPIES * max(rows, cols) * self.input_bytes + OUTPUT_COPIES * rows * cols * self.pair_bytes
 
 
-def min_block_rows(symmetric: bool, partitioned: bool) -> int:
+def min_block_rows(partitioned: bool) -> int:
     """How many block rows a kernel is cut into at least (blocks not below MIN_BLOCK samples).
 
     8 when its blocks are units of work that must be shared or survive a crash (a kernel written
     to disk, or computed by several ranks): a Gram matrix then skips almost half its blocks, and
     ranks get several each; it does not depend on the number of ranks, so any number gives the
-    same bits. In memory on one rank, 4 for a Gram matrix (its blocks under the diagonal are
-    mirrors: 10 of 16 blocks computed), and 1 for K(x1, x2) (one block pair: the fewest passes).
+    same bits. In memory on one rank, 1: the largest blocks the budget allows (cutting a Gram
+    matrix into rows to skip its mirrored blocks was measured to gain nothing: shorter GEMMs
+    and more passes cost what the skipped blocks save; ``docs/special-paths.md``).
     """
-    if partitioned:
-        return 8
-    return 4 if symmetric else 1
+    return 8 if partitioned else 1
 
 
 def block_size(n1: int, n2: int, footprint: Footprint, budget: int, *, min_rows: int = 1) -> int:

@@ -5,10 +5,9 @@ A kernel K(x1, x2) is cut into blocks of ``block`` x ``block`` samples (:mod:`.s
 matrix K(x1, x1) computes only the blocks on and above its diagonal and mirrors them). For each
 block the method computes per-sample factors of its rows and of its columns, then contracts them
 (:class:`~fastntk.methods.base.KernelMethod`); factors are reused by every block they meet as far
-as the memory budget keeps them (:class:`~.schedule.FactorCache`). Two shapes of kernel take one
-call of the method instead of the loop: a Gram matrix of one block (``method.gram``, which may
-contract factors as they come) and a kernel of one block pair (``method.left_and_right``, which
-may compute both sides in one pass). The result's reduction (a mean over outputs), its NaN/inf
+as the memory budget keeps them (:class:`~.schedule.FactorCache`). A kernel K(x1, x2) of one
+block pair takes one call of ``method.left_and_right`` instead (a method may compute both sides
+in one pass). The result's reduction (a mean over outputs), its NaN/inf
 check and the placing of mirrored blocks happen here, once for every entry point.
 """
 
@@ -76,8 +75,7 @@ def calibrate_on_first_block(
     and again after it: should calibration find more (a group sent to the Jacobian fallback),
     the smaller block wins and what calibration kept of the larger block is dropped. A block of
     one sample is too few to calibrate on (the structured check compares samples): then the
-    first two samples are used, x2 topping up. For a Gram matrix (n2 None) whose first block is
-    all of x1, calibration may keep K(x1, x1) itself.
+    first two samples are used, x2 topping up.
     """
     given = block is not None
     if block is None:
@@ -86,7 +84,7 @@ def calibrate_on_first_block(
     first = min(block, n1)
     if first < 2:
         return method.calibrated(two_samples(load, n1, n2))[0], None, block
-    calibrated, kept = method.calibrated(load(1, 0, first), keep=keep, whole=keep and n2 is None and first == n1)
+    calibrated, kept = method.calibrated(load(1, 0, first), keep=keep)
     if given:
         return calibrated, kept, block
     resized = min(block, size_blocks(calibrated))
@@ -153,10 +151,10 @@ def run(
 
     started = time.perf_counter()
     cache = FactorCache(0, [])
-    if len(mine) == 1 and mine[0].rows == (0, kernel.n1) and mine[0].cols == (0, kernel.n2):
+    if not kernel.symmetric and len(mine) == 1 and mine[0].rows == (0, kernel.n1) and mine[0].cols == (0, kernel.n2):
         with kernel_context():
-            finish(mine[0], one_block(kernel, mine[0], kept))
-        cache.computed = 1 if kernel.symmetric else 2
+            finish(mine[0], one_pair(kernel, mine[0], kept))
+        cache.computed = 2
         log_done(mine, cache, started)
         return cache
 
@@ -180,7 +178,7 @@ def run(
         uses += [right_key(b)] if fetch_right[k] else []
     cache = FactorCache(capacity, uses)
     first = ("right" if shared else "left", 0)
-    unused = {first: kept.factors} if kept is not None and kept.factors is not None else {}
+    unused = {first: kept.factors} if kept is not None else {}
 
     def factors(key: tuple[str, int]) -> Callable[[], Any]:
         side, index = key
@@ -222,20 +220,11 @@ def log_done(mine: list[Block], cache: FactorCache, started: float) -> None:
     )
 
 
-def one_block(kernel: Kernel, b: Block, kept: Kept | None) -> torch.Tensor:
-    """A kernel of one block: one call of the method (``gram`` or ``left_and_right``), or what
-    calibration kept of it."""
+def one_pair(kernel: Kernel, b: Block, kept: Kept | None) -> torch.Tensor:
+    """K(x1, x2) of one block pair: one call of ``left_and_right``, or calibration's factors of x1."""
     method = kernel.method
-    if kept is not None and kept.kernel is not None:
-        return kept.kernel
-    x1 = kernel.rows(b)
-    if kernel.symmetric:
-        if kept is not None and kept.factors is not None:
-            right = kept.factors if method.symmetric_factors else method.right(x1)
-            return method.contracted(kept.factors, right)
-        return method.gram(x1)
-    x2 = kernel.cols(b)
-    if kept is not None and kept.factors is not None:
+    x1, x2 = kernel.rows(b), kernel.cols(b)
+    if kept is not None:
         return method.contracted(kept.factors, method.right(x2))
     return method.contracted(*method.left_and_right(x1, x2))
 

@@ -16,11 +16,9 @@ from ..reduction import Mode
 
 @dataclass(frozen=True)
 class Kept:
-    """What calibration computed on its block: ``factors`` (as ``left`` gives them) or, for a
-    Gram matrix of that one block, its ``kernel``."""
+    """What calibration computed on its block: the block's ``factors``, as ``left`` gives them."""
 
-    factors: Any = None
-    kernel: torch.Tensor | None = None
+    factors: Any
 
 
 class KernelMethod(ABC):
@@ -33,8 +31,8 @@ class KernelMethod(ABC):
     object, so K(x, x) computes them once. Before blocks are sized a method may take a look at
     a sample (``estimated``) and, before the first block, learn what depends on the model
     (``calibrated``); both return a new method, none is changed after it is built. A kernel of
-    one block may take one call (``gram``, ``left_and_right``), which a method may override to
-    do better than the loop.
+    one block pair takes one call of ``left_and_right``, which a method may override to
+    compute both sides in one pass.
     """
 
     name: str = ""
@@ -64,11 +62,10 @@ class KernelMethod(ABC):
         blocks are sized (no backward pass, no kernel); itself when it needs no look."""
         return self
 
-    def calibrated(self, x: Batch, keep: bool = False, whole: bool = False) -> tuple["KernelMethod", Kept | None]:
+    def calibrated(self, x: Batch, keep: bool = False) -> tuple["KernelMethod", Kept | None]:
         """This method bound to what depends on the model (e.g. factor sizes), learned from the
         samples x, and with ``keep`` what it computed on the way: the factors of x for the
-        engine's first ``left(x)``, or, with ``whole`` (x is all of a Gram matrix's inputs),
-        K(x, x) itself. Methods with nothing to learn return themselves and None."""
+        engine's first ``left(x)``. Methods with nothing to learn return themselves and None."""
         return self, None
 
     @abstractmethod
@@ -78,12 +75,6 @@ class KernelMethod(ABC):
     def right(self, x: Batch) -> Any:
         """Factors of a block of x2 (by default the same as ``left``)."""
         return self.left(x)
-
-    def gram(self, x: Batch) -> torch.Tensor:
-        """K(x, x) of one block (a method may contract factors as they come, keeping fewer)."""
-        left = self.left(x)
-        right = left if self.symmetric_factors else self.right(x)
-        return self.contracted(left, right)
 
     def left_and_right(self, x1: Batch, x2: Batch) -> tuple[Any, Any]:
         """Factors of a block of x1 and of a block of x2, for a kernel of one block pair (a

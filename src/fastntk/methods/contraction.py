@@ -40,24 +40,11 @@ def output_rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.reshape(-1, t.shape[-1]), False
 
 
-PER_OUTPUT_GEMM_FLOPS = 2**20
-"""Below this, one GEMM per output costs more in calls than copying to one big GEMM."""
-
-
 def summed_over_outputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_o a[:, o] b[:, o]ᵀ for a (N1, O, p) and b (N2, O, p): (N1, N2), read in place.
-
-    Sample-major inputs make one GEMM over (O·p); output-major ones one GEMM per output,
-    unless those would be small (then copying to sample-major and one GEMM is faster).
-    """
+    """Σ_o a[:, o] b[:, o]ᵀ for a (N1, O, p) and b (N2, O, p): (N1, N2), one GEMM over O·p
+    (output-major inputs are copied to sample-major first)."""
     n1, o, p = a.shape
-    n2 = b.shape[0]
-    if (is_output_major(a) or is_output_major(b)) and 2 * n1 * n2 * p >= PER_OUTPUT_GEMM_FLOPS:
-        total = mm(a[:, 0], b[:, 0].T)
-        for i in range(1, o):
-            total += mm(a[:, i], b[:, i].T)
-        return total
-    return mm(a.reshape(n1, o * p), b.reshape(n2, o * p).T)
+    return mm(a.reshape(n1, o * p), b.reshape(b.shape[0], o * p).T)
 
 
 def contract_jacobian_pair(a: torch.Tensor, b: torch.Tensor, mode: Mode) -> torch.Tensor:

@@ -11,8 +11,7 @@ group g, with J_g the (k·O, p_g) matrix of their per-sample, per-output Jacobia
    vmap). Entry (c, d) may differ by tol·(‖G_c‖‖G_d‖ + √(Q_cc Q_dd)), Q = R F_g Rᵀ:
    Cauchy–Schwarz in the group's own scale, whatever the other groups' scales.
 2. In trace and diagonal modes, what is returned for the probe entries (the contraction of
-   the factors in that mode, or what the Gram stream accumulated for the group) must be
-   F_g reduced to that mode: entry by entry within tol·Σ_a ρ[n, a] ρ[m, a] (trace; the
+   the factors in that mode) must be F_g reduced to that mode: entry by entry within tol·Σ_a ρ[n, a] ρ[m, a] (trace; the
    diagonal mode per output), ρ[n, a] = √F_g[n, n, a, a] = ‖J_g(x_n)[a]‖.
 
 A group that fails goes to the exact Jacobian fallback. tol is √eps of the dtype.
@@ -75,13 +74,11 @@ when there are no more): the full one's cost grows with their square."""
 
 
 def failed_groups(
-    f: FunctionalModel, x: Batch, mode: Mode, num_outputs: int, factors: Mapping[Group, Factor], streamed: Mapping[Group, torch.Tensor]
+    f: FunctionalModel, x: Batch, mode: Mode, num_outputs: int, factors: Mapping[Group, Factor]
 ) -> set[Group]:
     """The groups whose contributions to the probe samples x (k of them) fail the check above.
 
-    ``factors``: each group's factors, of at least the k samples; ``streamed``: for groups
-    the Gram stream took, what it accumulated for the probe entries, shaped per ``mode``.
-    R F_g Rᵀ comes from the factors projected on R (a pseudo-sample of m outputs:
+    ``factors``: each group's factors, of at least the k samples. R F_g Rᵀ comes from the factors projected on R (a pseudo-sample of m outputs:
     ``Factor.projected``), so no O×O block is formed; in step 2 the diagonal-mode
     contraction of every output is compared with F_g on at most CHECKED_OUTPUTS of them
     (seeded at random), and what is returned with that diagonal (summed for trace).
@@ -118,7 +115,7 @@ def failed_groups(
         if not within(checked[0], reduce_full(full, "diagonal"), tol * checked[1] + tiny):
             failed.add(group)
             continue
-        returned = streamed[group] if group in streamed else head.contract(head, mode)
+        returned = head.contract(head, mode)
         expected, bound = (diagonal, bound) if mode == "diagonal" else (diagonal.sum(-1), bound.sum(-1))
         if not within(returned, expected, tol * bound + tiny):
             failed.add(group)

@@ -10,7 +10,6 @@ so every model works and the kernel stays exact.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -51,50 +50,6 @@ CHECKED_SAMPLES = 2
 
 CHUNK_BYTES = 16 * 2**20
 """Cotangents of several outputs are computed in one vmapped backward pass up to this size."""
-
-
-class GramStream:
-    """K(x, x) of one block in trace or diagonal mode, accumulated output chunk by output chunk
-    from the per-sample Jacobians of the uses it may take (see :meth:`StructuredMethod.gram_stream`),
-    which then need not be kept (a convolution's are N·O·p numbers). Only their first ``keep``
-    samples stay, and per group what it added to the entries of those samples, for the check."""
-
-    MODES = ("trace", "diagonal")
-    """The modes whose kernel can be accumulated output chunk by output chunk."""
-
-    def __init__(self, mode: Mode, n: int, num_outputs: int, streamable: set[int], keep: int, like: torch.Tensor) -> None:
-        self.mode, self.streamable, self.keep, self.num_outputs = mode, streamable, keep, num_outputs
-        self.kernel = torch.zeros(block_shape(mode, n, n, num_outputs), dtype=like.dtype, device=like.device)
-        self.nbytes: dict[tuple[str, ...], int] = {}
-        """Per streamed group, the bytes its factors would have taken."""
-        self.probe: dict[tuple[str, ...], torch.Tensor] = {}
-        """Per streamed group, its share of the kernel entries of the first ``keep`` samples."""
-
-    def take(self, use: int, part: Factors, start: int) -> Factors:
-        """Accumulate what can be streamed of one use's factors of outputs start, ...; return the rest
-        (and the streamed factors' first ``keep`` samples)."""
-        if use not in self.streamable:
-            return part
-        kept: Factors = {}
-        for group, factor in part.items():
-            if not isinstance(factor, JacobianFactor):
-                kept[group] = factor
-                continue
-            j = factor.jacobian
-            with fast_matmuls(intercept=False):  # the contraction calls _gemm.mm
-                block = contract_jacobian_pair(j, j, self.mode)
-            k = self.keep
-            if group not in self.probe:
-                self.probe[group] = self.kernel.new_zeros(block_shape(self.mode, k, k, self.num_outputs))
-            if self.mode == "trace":
-                self.kernel += block
-                self.probe[group] += block[:k, :k]
-            else:
-                self.kernel[:, :, start:start + j.shape[1]] += block
-                self.probe[group][:, :, start:start + j.shape[1]] += block[:k, :k]
-            self.nbytes[group] = self.nbytes.get(group, 0) + factor.nbytes()
-            kept[group] = JacobianFactor(j[:k].clone())  # a copy: the view would keep all of j
-        return kept
 
 
 @dataclass(frozen=True)
@@ -244,28 +199,27 @@ class StructuredMethod(KernelMethod):
             factors.update(compact)
         return factors
 
-    def calibrated(self, x: Batch, keep: bool = False, whole: bool = False) -> tuple["StructuredMethod", Kept | None]:
+    def calibrated(self, x: Batch, keep: bool = False) -> tuple["StructuredMethod", Kept | None]:
         """This method bound to the layout that the samples x show, each structured group
         checked against autograd; and with ``keep`` what it computed for x.
 
         The factors of x are computed; then the check (:mod:`.check`) compares, on the first
         CHECKED_SAMPLES samples of x, what each group contributes to their kernel entries
-        (contracted, or accumulated by the Gram stream) with autograd's gradients in random
+        (contracted) with autograd's gradients in random
         directions; a group that disagrees (an op used in a way its rule does not model,
         samples reordered inside the model, ...) goes to the Jacobian fallback. A chain's
         hand-made cotangents (:mod:`.chain`) that disagree are dropped for autograd's. Also
         measures the factors' bytes per sample. With ``keep``, x's factors (fallback included)
         are returned for the engine's first ``left(x)``: calibrating on the first block costs
-        only the check. With ``whole`` too (x is all of a Gram matrix's inputs), K(x, x)
-        itself, in trace and diagonal modes contracted as the factors come (:class:`GramStream`).
+        only the check.
         Reached only through the engine (:func:`fastntk.blocks.engine.calibrate_on_first_block`).
         """
         graph_free = self.estimate is not None and self.estimate.chain  # the estimate saw a chain: no graph needed
-        outcome = self.calibrated_once(x, keep, whole, chain_allowed=True, graph_free=graph_free)
-        return outcome or self.calibrated_once(x, keep, whole, chain_allowed=False, graph_free=False)  # type: ignore[return-value]
+        outcome = self.calibrated_once(x, keep, chain_allowed=True, graph_free=graph_free)
+        return outcome or self.calibrated_once(x, keep, chain_allowed=False, graph_free=False)  # type: ignore[return-value]
 
     def calibrated_once(
-        self, x: Batch, keep: bool, whole: bool, chain_allowed: bool, graph_free: bool
+        self, x: Batch, keep: bool, chain_allowed: bool, graph_free: bool
     ) -> tuple["StructuredMethod", Kept | None] | None:
         """:meth:`calibrated`, taking a chain's cotangents from :mod:`.chain` when allowed; None
         when the check rejects those (then autograd's are to be used)."""
@@ -276,68 +230,43 @@ class StructuredMethod(KernelMethod):
         chunk = output_chunk(n, o, per_direction, heavy, observed.flops)
         chain = observed.chain is not None and chain_allowed
 
-        def stream() -> GramStream | None:
-            return self.gram_stream(observed, observed.unstructured) if keep and whole else None
-
-        streamed = stream()
         batched = True  # a chain's cotangents come without autograd, chunked as any
         if chain:
-            factors, conflicts = self.factors_of(observed, chunk=chunk, fast=heavy, chain=True, stream=streamed)
+            factors, conflicts = self.factors_of(observed, chunk=chunk, fast=heavy, chain=True)
         else:
             batched = False
             if chunk > 1:  # learn whether the backward pass vmaps over outputs
                 with quiet_fallbacks() as fallbacks:  # this thread's, without swapping the process's filters
                     try:
-                        factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True, fast=heavy, stream=streamed)
+                        factors, conflicts = self.factors_of(observed, chunk=chunk, retain_graph=True, fast=heavy)
                         batched = not fallbacks
                     except RuntimeError:  # an op whose backward cannot be vmapped over outputs
                         pass
             if not batched:  # (a block of one output per pass at calibration keeps one per pass)
-                streamed = stream()
-                factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy, stream=streamed)
+                factors, conflicts = self.factors_of(observed, chunk=1, fast=heavy)
         observed.outputs = shape_of(observed.outputs)  # free the graph before the check
         candidates, _ = split_fallback(factors, observed.unstructured | conflicts)
         probe = take(x, 0, min(n, CHECKED_SAMPLES))
         with fast_matmuls(intercept=False):  # the contractions call _gemm.mm, as they will for the kernel
-            failed = failed_groups(self.f, probe, self.mode, o, candidates, {} if streamed is None else streamed.probe)
+            failed = failed_groups(self.f, probe, self.mode, o, candidates)
         rejected = {name for group in failed for name in group}
         if chain and rejected:  # the chain's cotangents disagree with autograd's: leave it to autograd
             return None
         structured, fallback = split_fallback(factors, observed.unstructured | conflicts | rejected)
         fallback_names = sorted(fallback & set(observed.primals))
-        streamed_bytes = {} if streamed is None else streamed.nbytes
-        # kept: the factors (streamed or not); transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
-        bytes_ = sum(streamed_bytes.get(g, f.nbytes()) for g, f in structured.items()) // n + per_direction
+        # kept: the factors; transient: one output's cotangents (a chunk of several is capped by CHUNK_BYTES)
+        bytes_ = sum(f.nbytes() for f in structured.values()) // n + per_direction
         bytes_ += jacobian_bytes(self.f, o, fallback_names)
         costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in structured.items()}
         method = StructuredMethod(self.f, self.mode, self.num_outputs, self.layout_of(observed, costs, fallback, bytes_, batched, chain))
-        if not keep:
-            return method, None
-        if streamed is None:
-            return method, Kept(factors=method.with_fallback(structured, x))
-        if set(streamed.nbytes) <= set(structured):  # no streamed group rejected
-            return method, Kept(kernel=method.gram_from(streamed, structured, x))
-        return method, None
-
-    def gram_from(self, streamed: GramStream, factors: Factors, x: Batch) -> torch.Tensor:
-        """K(x, x): what ``streamed`` accumulated plus the contraction of the other groups' factors."""
-        rest = self.with_fallback({g: f for g, f in factors.items() if g not in streamed.nbytes}, x)
-        return streamed.kernel.add_(self.contracted(rest, rest)) if rest else streamed.kernel
-
-    def gram(self, x: Batch) -> torch.Tensor:
-        if self.mode not in GramStream.MODES:
-            return super().gram(x)
-        factors, streamed = self.block_factors(x, streaming=True)
-        assert streamed is not None
-        return self.gram_from(streamed, factors, x)
+        return method, Kept(factors=method.with_fallback(structured, x)) if keep else None
 
     def factors_of(
-        self, observed: Capture, chunk: int, retain_graph: bool = False, fast: bool = False, chain: bool = False, stream: GramStream | None = None
+        self, observed: Capture, chunk: int, retain_graph: bool = False, fast: bool = False, chain: bool = False
     ) -> tuple[Factors, set[str]]:
         """Factors by group for a captured block, ``chunk`` outputs' cotangents at a time, and
         the parameters whose uses cannot be combined exactly; ``fast``: oneDNN products;
-        ``chain``: cotangents from the model's chain (:mod:`.chain`) instead of autograd;
-        ``stream``: what it can take is contracted as it comes (see :class:`GramStream`)."""
+        ``chain``: cotangents from the model's chain (:mod:`.chain`) instead of autograd;"""
         uses = observed.uses
         roles_of = roles_by_use(uses)
         parts: list[list[Factors]] = [[] for _ in uses]
@@ -354,25 +283,10 @@ class StructuredMethod(KernelMethod):
                     g, cotangents[i] = cotangents[i], None  # each use's cotangents go once its factors are made
                     if g is not None:  # None: this layer does not affect the outputs
                         part = self.use_factors(use, g, roles_of[i], o)
-                        parts[i].append(part if stream is None else stream.take(i, part, start))
+                        parts[i].append(part)
                     del g
                 del cotangents
         return merge_uses([stack_outputs(p) for p in parts if p])
-
-    def gram_stream(self, observed: Capture, fallback: set[str]) -> GramStream | None:
-        """A stream for K(x, x) of this block, when the mode allows one (``GramStream.MODES``).
-
-        It takes the uses whose every group is made by that use alone and holds no ``fallback``
-        parameter: a group's uses must be merged before contracting (their cross terms), and
-        a fallback parameter's share comes from its Jacobians instead.
-        """
-        if self.mode not in GramStream.MODES:
-            return None
-        n, o = observed.outputs.shape
-        groups = [{group for part in roles for group in use.rule.groups(part)} for use, roles in zip(observed.uses, roles_by_use(observed.uses))]
-        uses_of = Counter(group for mine in groups for group in mine)
-        streamable = {i for i, mine in enumerate(groups) if all(uses_of[g] == 1 and not fallback & set(g) for g in mine)}
-        return GramStream(self.mode, n, o, streamable, min(n, CHECKED_SAMPLES), observed.outputs)
 
     def with_fallback(self, factors: Factors, x: Batch) -> Factors:
         """The structured groups' factors plus the fallback parameters' per-sample Jacobians on x."""
@@ -385,11 +299,10 @@ class StructuredMethod(KernelMethod):
         return factors
 
     def left(self, x: Batch) -> Factors:
-        return self.block_factors(x)[0]
+        return self.block_factors(x)
 
-    def block_factors(self, x: Batch, streaming: bool = False) -> tuple[Factors, GramStream | None]:
-        """The factors of the block x (with the fallback's), and with ``streaming`` the stream
-        that took those it could (see :class:`GramStream`; the factors keep their first samples)."""
+    def block_factors(self, x: Batch) -> Factors:
+        """The factors of the block x, the fallback's included."""
         assert self.calibration is not None, "calibrate first (the engine's calibrate_on_first_block)"
         heavy = self.calibration.matmul_heavy
         with fast_matmuls(heavy):
@@ -397,14 +310,13 @@ class StructuredMethod(KernelMethod):
         chain = self.calibration.chain and observed.chain is not None
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
-        streamed = self.gram_stream(observed, observed.unstructured | set(self.fallback)) if streaming else None
-        factors, conflicts = self.factors_of(observed, chunk, fast=heavy, chain=chain, stream=streamed)
+        factors, conflicts = self.factors_of(observed, chunk, fast=heavy, chain=chain)
         if not (observed.unstructured | conflicts) & set(self.f.primals) <= set(self.fallback):
             raise ModelError(
                 "the model uses its parameters differently from one block of inputs to another (data-dependent "
                 "control flow), so the structured method cannot pair its factors; use method='jacobian'"
             )
-        return self.with_fallback(factors, x), streamed
+        return self.with_fallback(factors, x)
 
     def left_and_right(self, x1: Batch, x2: Batch) -> tuple[Factors, Factors]:
         """For a chain model: one forward pass over x1 and x2 together (taller GEMMs, one pass's
