@@ -223,14 +223,17 @@ def test_chunk_sizes_with_ragged_blocks_equal_the_unchunked_kernel(mode: str, me
 @pytest.mark.parametrize("method", [*METHODS, "auto"])
 @pytest.mark.parametrize("gram", [True, False], ids=["x2-none", "x2-given"])
 def test_tiny_memory_budget_equals_the_default(method: str, gram: bool) -> None:
-    """The smallest budget (one sample's factors per side): one-sample blocks and no cached factors, same kernel."""
+    """The smallest budget (blocks of one sample, and the result): one-sample blocks and no cached
+    factors, same kernel; one byte less is refused."""
     model = mlp()
     x1 = vectors(5)
     x2 = None if gram else vectors(4, seed=2)
     default = fastntk.ntk(model, x1, x2, method=method)
     plan = fastntk.plan(model, x1, x2)
-    smallest = 2 * plan.bytes_per_sample[plan.chosen if method == "auto" else method]
+    smallest = plan.min_memory[plan.chosen if method == "auto" else method]
     tiny = fastntk.ntk(model, x1, x2, method=method, max_memory=smallest)
+    with pytest.raises(fastntk.OptionError, match=f"max_memory={smallest} or more|the kernel alone"):
+        fastntk.ntk(model, x1, x2, method=method, max_memory=smallest - 1)
     assert_rel_close(tiny, default, RTOL[torch.float64])
     assert_rel_close(default, fastntk.reference_ntk(model, x1, x2), RTOL[torch.float64])
 

@@ -83,7 +83,7 @@ def test_kernels_keep_memory_only_when_asked_and_the_budgeted_gram_never(monkeyp
     fastntk.plan(model, x)
     assert calls == []
     monkeypatch.setenv("FASTNTK_KEEP_HEAP", "1")
-    fastntk.gram(model, x, max_memory="64MB", progress=False)
+    fastntk.gram(model, x, max_memory="64MB", progress=False, mode="trace")
     assert calls == []
     fastntk.ntk(model, x)
     assert calls

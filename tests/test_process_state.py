@@ -213,7 +213,7 @@ def test_a_call_that_fails_midway_leaves_the_process_as_it_found_it(method: str)
     runs: dict[str, Callable[[], Any]] = {
         "ntk": lambda: fastntk.ntk(model, x1, x2, method=method, block_size=2),
         "ntk_fn": lambda: fastntk.ntk_fn(model, mode="trace", method=method, block_size=2)(x1),
-        "gram": lambda: fastntk.gram(model, x1, x2, method=method, progress=False, max_memory="64MB"),
+        "gram": lambda: fastntk.gram(model, x1, x2, method=method, progress=False, max_memory="64MB", mode="trace"),
     }
     for name, run in runs.items():
         total = calls_made(model, run)

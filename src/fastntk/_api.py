@@ -151,10 +151,7 @@ class NTKFunction:
             with kernel_context():
                 method, kept, block = calibrate_on_first_block(method, problem.load, problem.n1, None if problem.symmetric else problem.n2, block, sizing.block, keep=keep)
             self._calibrations[(describe(problem.probe1, "x1"), method.name)] = method.calibration
-        if block is None:
-            block = sizing.block(method)
-        check_fits(sizing.footprint(method), min(block, max(problem.n1, problem.n2)), sizing.budget, sizing.reserved)
-        return method, kept, block
+        return method, kept, block or sizing.block(method)
 
     def _in_memory_sizing(self, problem: Problem) -> Sizing:
         """Block sizing for a result held in memory: what ``max_memory`` leaves beside the result."""
@@ -171,6 +168,7 @@ class NTKFunction:
         """The whole kernel in memory, on one rank (``on_block``: called with each finished block)."""
         sizing = self._in_memory_sizing(problem)
         method, kept, block = self._calibrated(problem, self._choose(problem, sizing), sizing, keep=True)
+        check_fits(sizing.footprint(method), min(block, max(problem.n1, problem.n2)), sizing.budget, sizing.reserved)
         result = torch.empty(problem.shape, device=problem.f.device, dtype=problem.f.dtype)
         blocks = all_blocks(problem.n1, problem.n2, block, problem.symmetric)
         mode = problem.options.mode

@@ -67,6 +67,9 @@ class Plan:
     chosen: str = "structured"
     block_size: int | None = None
     """Samples per block of the chosen method (None: it cannot keep within the budget)."""
+    min_memory: dict[str, int] = field(default_factory=dict)
+    """Per method, the smallest ``max_memory`` it can compute this kernel in (blocks of one
+    sample, plus the result when it is held in memory)."""
     unusable: dict[str, str] = field(default_factory=dict)
     """Methods "auto" may not choose, with the reason (no forward-mode rule, over the memory budget)."""
 
@@ -148,7 +151,7 @@ def make_plan(
     plan = Plan(
         sizing.n1, n2, num_outputs, f.num_params, mode, fp, flops,
         {name: m.bytes_per_sample() for name, m in methods.items()}, groups, chosen, block_size=None if sizing.over(methods[chosen]) else sizing.block(methods[chosen]),
-        unusable=unusable,
+        min_memory={name: sizing.footprint(m).working(1, 1) + sizing.reserved for name, m in methods.items()}, unusable=unusable,
     )
     return plan, methods
 

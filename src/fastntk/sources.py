@@ -97,10 +97,16 @@ class ArraySource(Source):
                     "on dim 0; bind constant arguments into the model instead (e.g. functools.partial or a wrapper nn.Module)"
                 )
             if leaf.ndim == 0:
-                raise InputError(f"{name} has a 0-d array (leaf {i}): inputs must be batched on dim 0")
+                kind = "tensor" if isinstance(leaf, torch.Tensor) else "array"
+                raise InputError(f"{name} has a 0-d {kind} (leaf {i}): inputs must be batched on dim 0, e.g. x[None]")
+            if isinstance(leaf, torch.Tensor) and leaf.is_meta:
+                raise InputError(
+                    f"{name} (leaf {i}) is on the meta device: it holds no values; pass real tensors (on any device: "
+                    "fastntk moves each block to the model's)"
+                )
         sizes = {leaf.shape[0] for leaf in leaves}
         if len(sizes) > 1:
-            raise InputError(f"the arrays of {name} have different numbers of samples {sorted(sizes)}: they must agree on dim 0")
+            raise InputError(f"the tensors of {name} have different batch sizes {sorted(sizes)}: they must agree on dim 0")
         self.leaves = leaves
         self.n = sizes.pop()
         if self.n == 0:

@@ -46,5 +46,5 @@ def test_block_size_cuts_a_kernel_into_rows() -> None:
 
 
 def test_block_size_refuses_a_budget_below_one_sample() -> None:
-    with pytest.raises(OptionError, match="too small.*max_memory=2000040 or more"):
+    with pytest.raises(OptionError, match="too small.*max_memory=2000056 or more"):
         block_size(100, 100, Footprint(10**6, 2, 10, 4), 10**5)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import fastntk
+from fastntk.blocks.budget import Sizing
 from conftest import METHOD_MODES, METHODS, MODES, assert_kernel_close, assert_matches_reference
 from fastntk._functional import FunctionalModel
 from fastntk.methods import METHODS as METHOD_CLASSES
@@ -222,7 +223,8 @@ def test_plan_charges_the_loop_path() -> None:
     plan = fastntk.plan(model, x1, x2)
     f = FunctionalModel.build(model)
     f.batchable = True
-    batched = estimate(METHOD_CLASSES["jacobian"](f, "full", 2), 4, 3, plan.forward_flops, 2**30)
+    sizing = Sizing(4, 3, False, input_bytes=0, pair_bytes=0, budget=2**30)
+    batched = estimate(METHOD_CLASSES["jacobian"](f, "full", 2), sizing, plan.forward_flops)
     assert plan.flops["jacobian"] == pytest.approx(batched + loop_overhead(4 + 3, 2))
 
 

@@ -43,7 +43,7 @@ np.save(folder / "warm.npy", x[:900].numpy())
 del x
 # Touch every code path first, with the blocks of the run measured (750 samples for 24 MB): the
 # first use of a kernel maps library pages (MKL, oneDNN) that count in RSS but are not the budget's.
-fastntk.gram(model, folder / "warm.npy", out=folder / "warm_k.npy", max_memory=budget, block_size=750, progress=False, overwrite=True)
+fastntk.gram(model, folder / "warm.npy", out=folder / "warm_k.npy", max_memory=budget, block_size=750, progress=False, overwrite=True, mode="trace")
 try:  # reset the high-water mark (VmHWM) to the current RSS: only the run below is measured
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
@@ -52,7 +52,7 @@ except OSError:
     reset = False
 before = rss_now()
 seen = []
-fastntk.gram(model, folder / "x.npy", out=folder / "k.npy", max_memory=budget, progress=False, on_block=seen.append, overwrite=True)
+fastntk.gram(model, folder / "x.npy", out=folder / "k.npy", max_memory=budget, progress=False, on_block=seen.append, overwrite=True, mode="trace")
 print(json.dumps({
     "before": before, "peak": peak(), "growth": peak() - before, "blocks": len(seen),
     "block": seen[0].rows[1] - seen[0].rows[0], "result_bytes": n * n * 4, "limited": limited, "reset": reset,

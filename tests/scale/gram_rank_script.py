@@ -33,8 +33,7 @@ def hook(block) -> None:
 
 result = fastntk.gram(
     mlp(), args.x, args.x2, block_size=5, progress=False, out=None if args.memory else args.out,
-    resume=not args.memory, on_block=hook,
-)
+    resume=not args.memory, on_block=hook, mode="trace")
 if args.memory:
     if rank == 0:
         np.save(args.out, result.numpy())

@@ -38,9 +38,9 @@ def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ranks")
     x, y = save(folder / "x.npy", inputs(23, 1)), save(folder / "y.npy", inputs(17, 2))
     single = folder / "single.npy"
-    fastntk.gram(mlp(), str(x), out=single, block_size=5, progress=False)
+    fastntk.gram(mlp(), str(x), out=single, block_size=5, progress=False, mode="trace")
     single_xy = folder / "single_xy.npy"
-    fastntk.gram(mlp(), str(x), str(y), out=single_xy, block_size=5, progress=False)
+    fastntk.gram(mlp(), str(x), str(y), out=single_xy, block_size=5, progress=False, mode="trace")
     return folder, x, y, single, single_xy
 
 

@@ -50,25 +50,25 @@ def test_disk_equals_memory_bit_for_bit(tmp_path, mode: str, symmetric: bool) ->
 
 def test_gram_computes_only_blocks_on_and_above_the_diagonal() -> None:
     seen = []
-    fastntk.gram(mlp(), inputs(23, 1), block_size=5, progress=False, on_block=seen.append)
+    fastntk.gram(mlp(), inputs(23, 1), block_size=5, progress=False, on_block=seen.append, mode="trace")
     assert sorted((b.i, b.j) for b in seen) == [(i, j) for i in range(5) for j in range(i, 5)]
     assert max(b.rows for b in seen) == (20, 23)  # ragged last block, no divisibility rule
 
 
 def test_factors_computed_once_per_block_when_the_budget_holds_them(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="fastntk"):
-        fastntk.gram(mlp(), inputs(23, 1), block_size=5, method="structured", progress=False)
+        fastntk.gram(mlp(), inputs(23, 1), block_size=5, method="structured", progress=False, mode="trace")
     assert "factors of 5 blocks computed" in caplog.text  # 15 blocks, 5 blocks of samples
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fastntk"):
-        fastntk.gram(mlp(), inputs(23, 1), inputs(17, 2), block_size=5, method="jacobian", progress=False)
+        fastntk.gram(mlp(), inputs(23, 1), inputs(17, 2), block_size=5, method="jacobian", progress=False, mode="trace")
     assert "factors of 9 blocks computed" in caplog.text  # 5 row blocks + 4 column blocks
 
 
 def test_block_size_follows_the_budget() -> None:
     seen = []
     budget = 60_000  # bytes: the in-memory result (14.9 kB) and blocks of a few samples
-    fastntk.gram(mlp(), inputs(61, 1), max_memory=budget, method="jacobian", progress=False, on_block=seen.append)
+    fastntk.gram(mlp(), inputs(61, 1), max_memory=budget, method="jacobian", progress=False, on_block=seen.append, mode="trace")
     size = seen[0].rows[1] - seen[0].rows[0]
     assert 1 < size < 30 and {b.rows[1] - b.rows[0] for b in seen} == {size, 61 % size}
     footprint = Footprint(2 * 3 * 131 * 4, 2, 5 * 4, 4)
@@ -100,23 +100,23 @@ def test_every_kind_of_input(tmp_path, kind: str) -> None:
         "dataloader": (torch.utils.data.DataLoader(Pairs(x), batch_size=7), 0),
         "tensordataset": (torch.utils.data.TensorDataset(x, torch.zeros(19)), lambda batch: batch[0]),
     }[kind]
-    kernel = fastntk.gram(model, data, block_size=6, select=select, progress=False)
-    assert torch.equal(kernel, fastntk.gram(model, x, block_size=6, progress=False))
+    kernel = fastntk.gram(model, data, block_size=6, select=select, progress=False, mode="trace")
+    assert torch.equal(kernel, fastntk.gram(model, x, block_size=6, progress=False, mode="trace"))
 
 
 def test_tuple_and_dict_inputs() -> None:
     model = TwoInputs()
     x, y = inputs(13, 1), inputs(13, 2, dim=2)
     expected = fastntk.ntk(model, (x, y), mode="trace")
-    assert_kernel_close(fastntk.gram(model, (x, y), block_size=4, progress=False), expected, torch.float32)
-    assert_kernel_close(fastntk.gram(model, (x.numpy(), y.numpy()), block_size=4, progress=False), expected, torch.float32)
-    assert_kernel_close(fastntk.gram(model, {"x": x, "y": y}, block_size=4, progress=False), expected, torch.float32)
+    assert_kernel_close(fastntk.gram(model, (x, y), block_size=4, progress=False, mode="trace"), expected, torch.float32)
+    assert_kernel_close(fastntk.gram(model, (x.numpy(), y.numpy()), block_size=4, progress=False, mode="trace"), expected, torch.float32)
+    assert_kernel_close(fastntk.gram(model, {"x": x, "y": y}, block_size=4, progress=False, mode="trace"), expected, torch.float32)
 
 
 def test_floating_inputs_are_cast_per_block() -> None:
     x = inputs(11, 1, dtype=torch.float64)
-    kernel = fastntk.gram(mlp(), x.numpy(), block_size=4, progress=False)
+    kernel = fastntk.gram(mlp(), x.numpy(), block_size=4, progress=False, mode="trace")
     assert kernel.dtype == torch.float32
-    assert torch.equal(kernel, fastntk.gram(mlp(), x.float(), block_size=4, progress=False))
+    assert torch.equal(kernel, fastntk.gram(mlp(), x.float(), block_size=4, progress=False, mode="trace"))
 
 

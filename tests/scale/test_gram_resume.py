@@ -43,6 +43,7 @@ def stop_after(k: int):
 
 def run(path: Path, **kwargs):
     kwargs.setdefault("block_size", BLOCK)
+    kwargs.setdefault("mode", "trace")
     return fastntk.gram(kwargs.pop("model", mlp()), kwargs.pop("data", inputs(N, 1)), out=path, progress=False, **kwargs)
 
 
@@ -114,12 +115,12 @@ def test_lost_kernel_file_is_started_again(tmp_path, reference) -> None:
 
 @pytest.mark.parametrize("change, match", [
     (dict(model=mlp(seed=1)), "the model"),
-    (dict(data=inputs(N, 2)), "the inputs data1"),
+    (dict(data=inputs(N, 2)), "the inputs x1"),
     (dict(data=inputs(N + 1, 1)), "n1: 23 then, 24 now"),
     (dict(mode="full"), "mode: 'trace' then, 'full' now"),
     (dict(dtype=torch.float64), "dtype"),
     (dict(params=["2.weight"]), "the model"),
-    (dict(data=inputs(N, 2), mode="diagonal", max_memory="32MB"), r"the inputs data1, the settings \(mode: 'trace' then, 'diagonal'"),
+    (dict(data=inputs(N, 2), mode="diagonal", max_memory="32MB"), r"the inputs x1, the settings \(mode: 'trace' then, 'diagonal'"),
 ])
 def test_a_changed_fingerprint_is_refused(tmp_path, reference, change, match) -> None:
     before = reference.read_bytes()
@@ -177,15 +178,15 @@ def test_resume_with_half_the_memory_after_running_out(tmp_path) -> None:
     x = save(tmp_path / "x.npy", inputs(30, 1))
     kwargs = dict(method="jacobian", progress=False)
     seen = []
-    uninterrupted = fastntk.gram(wide_mlp(), x, out=tmp_path / "ref.npy", max_memory="64MB", on_block=seen.append, **kwargs)
+    uninterrupted = fastntk.gram(wide_mlp(), x, out=tmp_path / "ref.npy", max_memory="64MB", on_block=seen.append, **kwargs, mode="trace")
     big = seen[0].rows[1]
     path = tmp_path / "k.npy"
     hook, first = stop_after(2)
     with pytest.raises(Stop):
-        fastntk.gram(wide_mlp(), x, out=path, max_memory="64MB", on_block=hook, **kwargs)
+        fastntk.gram(wide_mlp(), x, out=path, max_memory="64MB", on_block=hook, **kwargs, mode="trace")
     again = []
     # The natural retry after running out of memory: the inputs now as a tensor, half the budget.
-    result = fastntk.gram(wide_mlp(), inputs(30, 1), out=path, max_memory="32MB", resume=True, on_block=again.append, **kwargs)
+    result = fastntk.gram(wide_mlp(), inputs(30, 1), out=path, max_memory="32MB", resume=True, on_block=again.append, **kwargs, mode="trace")
     small = again[0].rows[1] - again[0].rows[0]
     assert small < big  # the 64 MB blocks do not fit 32 MB: smaller ones
     assert sorted((b.rows, b.cols) for b in again) == unfinished(first, 30, small)
@@ -221,7 +222,7 @@ SCRIPT = textwrap.dedent(
     import sys, time, fastntk
     from gram_helpers import mlp
     fastntk.gram(mlp(), sys.argv[1], out=sys.argv[2], block_size=5, progress=False,
-                 on_block=lambda block: time.sleep(0.15), resume=True)
+                 on_block=lambda block: time.sleep(0.15), resume=True, mode="trace")
     """
 )
 
@@ -243,6 +244,6 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference) -> No
     done = journaled(path)
     assert 4 <= done < 15
     again = []
-    fastntk.gram(mlp(), str(x), out=path, block_size=BLOCK, progress=False, resume=True, on_block=again.append)
+    fastntk.gram(mlp(), str(x), out=path, block_size=BLOCK, progress=False, resume=True, on_block=again.append, mode="trace")
     assert len(again) == 15 - done
     assert filecmp.cmp(path, reference, shallow=False)

@@ -67,7 +67,7 @@ HOLDER = textwrap.dedent(
     def hold(block):
         print("writing", flush=True)
         sys.stdin.readline()  # holds the lock until killed
-    fastntk.gram(mlp(), sys.argv[1], out=sys.argv[2], block_size=5, progress=False, on_block=hold)
+    fastntk.gram(mlp(), sys.argv[1], out=sys.argv[2], block_size=5, progress=False, on_block=hold, mode="trace")
     """
 )
 

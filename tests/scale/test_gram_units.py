@@ -22,7 +22,7 @@ class Stream(torch.utils.data.IterableDataset):
     (torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs(4, 1)), shuffle=True), "RandomSampler"),
     ("inputs.csv", ".npy"),
     ("missing.npy", "no such file"),
-    ([np.zeros((3, 5)), np.zeros((4, 5))], "different numbers of samples"),
+    ([np.zeros((3, 5)), np.zeros((4, 5))], "different batch sizes"),
     (np.array(["a", "b"]), "numeric"),
     (3.0, "float"),
 ])
@@ -48,17 +48,17 @@ def test_sources_refuse(bad, match) -> None:
 def test_options_refused(tmp_path, monkeypatch, kwargs, match) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(OptionError, match=match):
-        fastntk.gram(mlp(), inputs(30, 1), progress=False, **kwargs)
+        fastntk.gram(mlp(), inputs(30, 1), progress=False, **{"mode": "trace", **kwargs})
 
 
 def test_tuple_dataset_without_select_gets_a_hint() -> None:
     dataset = torch.utils.data.TensorDataset(inputs(6, 1), torch.zeros(6))
     with pytest.raises(fastntk.ModelError, match="select=0"):
-        fastntk.gram(mlp(), dataset, progress=False)
+        fastntk.gram(mlp(), dataset, progress=False, mode="trace")
 
 
 def test_non_finite_inputs_named_by_global_index() -> None:
     x = inputs(12, 1)
     x[9, 2] = float("nan")
     with pytest.raises(fastntk.NonFiniteError, match="sample 9"):
-        fastntk.gram(mlp(), x, block_size=4, progress=False)
+        fastntk.gram(mlp(), x, block_size=4, progress=False, mode="trace")

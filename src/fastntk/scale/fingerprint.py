@@ -25,8 +25,8 @@ from ..sources import Source, tensor_bytes
 
 LABELS = {
     "model": "the model (its weights, buffers, parameter selection or train/eval mode)",
-    "x1": "the inputs data1",
-    "x2": "the inputs data2",
+    "x1": "the inputs x1",
+    "x2": "the inputs x2",
     "settings": "the settings",
 }
 
