@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
+from ._torch_private import pytree
 
 from . import __version__, zoo
 from ._api import method_names

@@ -215,6 +215,6 @@ def in_cli_terms(message: str) -> str:
 
 
 def move(x: Any, device: torch.device) -> Any:
-    from torch.utils import _pytree as pytree
+    from .._torch_private import pytree
 
     return pytree.tree_map(lambda t: t.to(device), x)

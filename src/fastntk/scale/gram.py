@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
+from .._torch_private import pytree
 from tqdm.auto import tqdm
 
 from .._api import PROBE, NTKFunction, is_positive_int, kernel_context
