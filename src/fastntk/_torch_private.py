@@ -186,6 +186,14 @@ def version(t: torch.Tensor) -> int | None:
     return t._version if VERSION_COUNTERS else None
 
 
+def versions(tensors: Sequence[torch.Tensor]) -> tuple[int | None, ...]:
+    """:func:`version` of each tensor (asks for the counters once: the structured method's
+    recorder calls it on every op's inputs)."""
+    if VERSION_COUNTERS:
+        return tuple(t._version for t in tensors)
+    return (None,) * len(tensors)
+
+
 def unchanged(t: torch.Tensor, recorded: int | None) -> bool:
     """Whether t has not been written in place since its version was ``recorded`` (False when
     that is unknown: no version was recorded, or there are no counters)."""

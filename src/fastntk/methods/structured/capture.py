@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from ... import _torch_private
 from ..._functional import FunctionalModel, Params
-from ..._torch_private import pytree, unchanged, version
+from ..._torch_private import pytree, unchanged, version, versions
 from ..._inputs import Batch, batch_size
 from .chain import SHAPE_ONLY, Call, Step, chain_of, samples_of_steps
 from .flops import CONVOLUTIONS, op_flops
@@ -108,7 +108,7 @@ class _Recorder(TorchFunctionMode):
         output = self.record(func, args, kwargs, inputs)
         if isinstance(output, torch.Tensor):
             use = before if len(self.uses) > before else None
-            self.calls.append(Call(func, args, kwargs, inputs, output, use, version(output), tuple(version(t) for t in inputs)))
+            self.calls.append(Call(func, args, kwargs, inputs, output, use, version(output), versions(inputs)))
         return output
 
     def record(self, func, args, kwargs, inputs: list[torch.Tensor]):  # noqa: ANN001, ANN201
@@ -130,11 +130,11 @@ class _Recorder(TorchFunctionMode):
                 if sorted(roles.values()) == sorted(touched):
                     saved = rule.save(call, output)
                     if _torch_private.VERSION_COUNTERS:
-                        versions = [(t, version(t)) for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
+                        recorded = [(t, version(t)) for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
                     else:  # in-place writes to them would not show: copies the model cannot write to
                         saved = {key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in saved.items()}
-                        versions = []
-                    use = Use(rule, roles, saved, output, versions, version(output), output.clone() if self.clone_outputs else output)
+                        recorded = []
+                    use = Use(rule, roles, saved, output, recorded, version(output), output.clone() if self.clone_outputs else output)
                     self.uses.append(use)
                     return use.returned
         self.unstructured.update(touched)
