@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _torch_private
 from ._errors import ModelError
 from ._functional import FunctionalModel
 from ._inputs import Batch, batch_size, first_samples, leaves, map_leaves, take
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_BATCH_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+)
+"""PyTorch's batch norms (the public classes; another module normalising over the batch is
+found by :func:`check_per_sample`'s probe instead)."""
 
 
 def check_training_mode(model: nn.Module) -> None:
@@ -19,16 +25,16 @@ def check_training_mode(model: nn.Module) -> None:
         ModelError: naming the first BatchNorm in training mode or active dropout.
     """
     for name, module in model.named_modules():
-        if not module.training and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if not module.training and not isinstance(module, _BATCH_NORMS):
             continue
         label = f"{type(module).__name__} {name or '(the model)'!r}"
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+        if isinstance(module, _BATCH_NORMS) and not module.track_running_stats:
             raise ModelError(
                 f"{label} has track_running_stats=False: it normalises with the statistics of the batch in every "
                 "mode, so one sample's output depends on the others; construct it with track_running_stats=True "
                 "(and call model.eval()), or use LayerNorm/GroupNorm"
             )
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if isinstance(module, _BATCH_NORMS) and module.training:
             raise ModelError(
                 f"{label} is in training mode: its output for one sample depends on the other samples of the "
                 "batch, so the per-sample NTK is not defined; call model.eval() (uses the running statistics), "
@@ -55,12 +61,13 @@ def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int
     Raises:
         ModelError: the model fails, writes to its inputs, is random, or mixes samples of a batch.
     """
-    x = map_leaves(torch.clone, first_samples(x1, x2, probe))  # a copy: the model may write to it
+    original = first_samples(x1, x2, probe)
+    x = map_leaves(torch.clone, original)  # a copy: the model may write to it
     n = batch_size(x)
     with torch.no_grad(), torch.random.fork_rng(devices=[f.device] if f.device.type == "cuda" else []):
         try:
             together = f(f.primals, x)
-            check_inputs_unchanged(x)
+            check_inputs_unchanged(x, original)
             again = f(f.primals, x)
             alone = torch.cat([f(f.primals, take(x, i, i + 1)) for i in range(n)])
         except ModelError:
@@ -86,14 +93,25 @@ def check_per_sample(f: FunctionalModel, x1: Batch, x2: Batch | None, probe: int
     return together.shape[1], n
 
 
-def check_inputs_unchanged(x: Batch) -> None:
-    """Raise ModelError if the model wrote to the tensors of the batch x it was just called on
-    (their version counters moved): every method calls it many times on the same inputs, and
-    they are the caller's tensors (the probe runs on a copy, so those are left as they were)."""
-    for i, leaf in enumerate(leaves(x)):
-        if leaf._version:
+def check_inputs_unchanged(x: Batch, original: Batch) -> None:
+    """Raise ModelError if the model wrote to the tensors of the batch x it was just called on,
+    a fresh copy of ``original`` (their version counters moved; without version counters, their
+    values differ from the original's): every method calls it many times on the same inputs,
+    and they are the caller's tensors (the probe runs on a copy, so those are left as they were)."""
+    for i, (leaf, before) in enumerate(zip(leaves(x), leaves(original))):
+        written = _torch_private.version(leaf)
+        if written is None:
+            written = not _same(leaf, before)
+        if written:
             raise ModelError(
                 f"the model modifies its input in place (leaf {i}; e.g. x.mul_(2), x += 1 or x[...] = v in forward): "
                 "fastntk calls the model many times on the caller's tensors, which would be changed and give each call "
                 "other inputs; write that operation out of place (x = x * 2) or copy the input first (x = x.clone())"
             )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b hold the same values (NaNs where the other has NaNs)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or (a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all()))

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils import _pytree as pytree
+from ._torch_private import pytree
 
 from ._errors import InputError, ModelError, NonFiniteError, SelectionError
 from ._inputs import Batch, call_model, map_leaves

@@ -2,7 +2,7 @@
 
 PyTorch's CPU ``mm``/``addmm`` call MKL, whose float32 GEMM runs its AVX2 code path on AMD
 processors; oneDNN, also inside PyTorch (``torch.ops.mkldnn._linear_pointwise``, the op
-``torch.compile`` uses for CPU linear layers), runs AVX-512 there and was measured about
+``torch.compile`` uses for CPU linear layers; private, see :mod:`._torch_private`), runs AVX-512 there and was measured about
 2x faster on the benchmark machine (AMD EPYC, 2 threads; ``bench/gemm.py``) at float32
 accuracy. Inside :func:`fast_matmuls` the library's own products (contractions, a chain's
 backward pass) call :func:`mm`, which goes to oneDNN directly; code the library does not
@@ -11,7 +11,8 @@ float32 CPU ``mm``/``addmm`` calls to oneDNN. The mode costs each op a few micro
 it is entered only around such passes: the structured method's, when the model's forward
 FLOPs are mostly matrix products (convolution networks with many small ops do not earn it
 back), and the vp method's forward-mode passes.
-Anything else (other dtypes, CUDA, an older PyTorch without the op) runs as before.
+Anything else (other dtypes, CUDA, a PyTorch without the op) runs as before; a PyTorch
+without dispatch modes routes only the library's own products.
 
 Set the environment variable ``FASTNTK_ONEDNN=0`` to keep PyTorch's own kernels.
 """
@@ -20,33 +21,25 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from typing import Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import _torch_private
 
 aten = torch.ops.aten
 
 
 def _linear(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """a @ b_tᵀ (+ bias) by oneDNN, for 2-D float32 CPU tensors."""
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+    return _torch_private.onednn_linear(a, b_t, bias)
 
 
-@functools.cache
 def onednn_available() -> bool:
-    """Whether oneDNN products are enabled, present in this PyTorch, and correct on a small case."""
-    if os.environ.get("FASTNTK_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        gen = torch.Generator().manual_seed(0)
-        a, b, c = (torch.randn(s, generator=gen) for s in ((5, 7), (7, 3), (3,)))
-        expected = torch.addmm(c, a, b)
-        return bool(torch.allclose(_linear(a, b.T, c), expected, rtol=1e-5, atol=1e-5))
-    except (AttributeError, RuntimeError):  # no such op in this PyTorch, or it refuses the case
-        return False
+    """Whether oneDNN products are enabled, present in this PyTorch, and correct on a small case
+    (:data:`._torch_private.ONEDNN_LINEAR`, probed once)."""
+    return os.environ.get("FASTNTK_ONEDNN", "1") != "0" and bool(_torch_private.ONEDNN_LINEAR)
 
 
 MIN_FLOPS = 2**24
@@ -62,29 +55,24 @@ def _eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-class _OneDNNMatmuls(TorchDispatchMode):
-    """Routes float32 CPU ``mm`` and plain ``addmm`` (bias vector, no scaling) to oneDNN."""
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # Otherwise TorchDispatchMode wraps __torch_dispatch__ in torch._dynamo.disable, whose
-        # first call imports torch._dynamo (~0.8 s); nothing here is ever compiled.
-        return False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        if func is aten.mm.default and _eligible(*args):
-            a, b = args
-            return _linear(a, b.T, None)
-        if func is aten.addmm.default and not kwargs and len(args) == 3:
-            bias, a, b = args
-            if _eligible(a, b) and bias.dim() == 1 and bias.dtype == torch.float32 and bias.shape[0] == b.shape[1]:
-                return _linear(a, b.T, bias)
-        return func(*args, **kwargs)
+def _route(func, args: tuple, kwargs: dict):  # noqa: ANN001, ANN202
+    """Runs an aten op, float32 CPU ``mm`` and plain ``addmm`` (bias vector, no scaling) by oneDNN
+    (the handler of :func:`._torch_private.intercept_aten_ops` inside :func:`fast_matmuls`)."""
+    if func is aten.mm.default and _eligible(*args):
+        a, b = args
+        return _linear(a, b.T, None)
+    if func is aten.addmm.default and not kwargs and len(args) == 3:
+        bias, a, b = args
+        if _eligible(a, b) and bias.dim() == 1 and bias.dtype == torch.float32 and bias.shape[0] == b.shape[1]:
+            return _linear(a, b.T, bias)
+    return func(*args, **kwargs)
 
 
 _ROUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastntk_onednn_routing", default=False)
 """Whether :func:`mm` calls go to oneDNN (inside :func:`fast_matmuls`)."""
+
+_INTERCEPTING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastntk_onednn_intercepting", default=False)
+"""Whether a model's ``mm``/``addmm`` calls go to oneDNN (inside :func:`fast_matmuls` with ``intercept``)."""
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,8 +95,12 @@ def fast_matmuls(enabled: bool = True, intercept: bool = True) -> Iterator[None]
     token = _ROUTING.set(True)
     try:
         if intercept and not _active():
-            with _OneDNNMatmuls():
-                yield
+            with _torch_private.intercept_aten_ops(_route) as intercepting:
+                inner = _INTERCEPTING.set(intercepting)
+                try:
+                    yield
+                finally:
+                    _INTERCEPTING.reset(inner)
         else:
             yield
     finally:
@@ -116,8 +108,6 @@ def fast_matmuls(enabled: bool = True, intercept: bool = True) -> Iterator[None]
 
 
 def _active() -> bool:
-    """Whether a _OneDNNMatmuls mode is already on the stack (nested use)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    return any(isinstance(mode, _OneDNNMatmuls) for mode in _get_current_dispatch_mode_stack())
+    """Whether a model's products are already routed here (nested use)."""
+    return _INTERCEPTING.get()
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 import torch
-from torch.utils import _pytree as pytree
+from ._torch_private import pytree
 
 from ._errors import InputError, NonFiniteError
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
+from ._torch_private import pytree
 
 from ._functional import FunctionalModel
 from ._inputs import Batch, batch_size, check_finite, leaves

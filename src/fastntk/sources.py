@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
+from ._torch_private import pytree
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from torch.utils.data.dataloader import default_collate
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
+from .._torch_private import pytree
 
 from .. import zoo
 from .._version import __version__

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
+from .._torch_private import pytree
 
 from .._errors import FastNTKError
 from ..scale import store

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
+from .._torch_private import pytree
 
 from .. import zoo
 from .errors import CLIError

@@ -108,7 +108,7 @@ def loop_overhead(samples: float, num_outputs: int) -> float:
     return samples * (1 + num_outputs) * PASS_OVERHEAD_FLOPS
 
 
-ONEDNN_OFF = flag(torch._C._get_mkldnn_enabled, torch._C._set_mkldnn_enabled, False)
+ONEDNN_OFF = flag(lambda: torch.backends.mkldnn.enabled, lambda value: setattr(torch.backends.mkldnn, "enabled", value), False)
 """oneDNN switched off while any thread needs PyTorch's composite kernels (a process-wide flag)."""
 
 

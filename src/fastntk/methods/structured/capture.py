@@ -14,9 +14,10 @@ from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
+from ... import _torch_private
 from ..._functional import FunctionalModel, Params
+from ..._torch_private import pytree, unchanged, version, versions
 from ..._inputs import Batch, batch_size
 from .chain import SHAPE_ONLY, Call, Step, chain_of, samples_of_steps
 from .flops import CONVOLUTIONS, op_flops
@@ -32,19 +33,20 @@ class Use:
     roles: Roles
     saved: Saved
     output: torch.Tensor
-    versions: list[tuple[torch.Tensor, int]]
-    output_version: int = 0
+    versions: list[tuple[torch.Tensor, int | None]]
+    """The version counters of the saved tensors when saved (none when they are copies)."""
+    output_version: int | None = 0
     returned: torch.Tensor | None = None
     """What the model got back: ``output``, or a copy of it (see :func:`capture`)."""
 
     def intact(self) -> bool:
         """Whether no saved input was modified in place after the call."""
-        return all(t._version == v for t, v in self.versions)
+        return all(unchanged(t, v) for t, v in self.versions)
 
     def output_intact(self) -> bool:
         """Whether the recorded output is still the op's result (no in-place op downstream,
         such as ReLU(inplace=True), wrote over it: its cotangents would then be the wrong ones)."""
-        return self.output._version == self.output_version
+        return unchanged(self.output, self.output_version)
 
 
 @dataclass
@@ -106,7 +108,7 @@ class _Recorder(TorchFunctionMode):
         output = self.record(func, args, kwargs, inputs)
         if isinstance(output, torch.Tensor):
             use = before if len(self.uses) > before else None
-            self.calls.append(Call(func, args, kwargs, inputs, output, use, output._version, tuple(t._version for t in inputs)))
+            self.calls.append(Call(func, args, kwargs, inputs, output, use, version(output), versions(inputs)))
         return output
 
     def record(self, func, args, kwargs, inputs: list[torch.Tensor]):  # noqa: ANN001, ANN201
@@ -127,8 +129,12 @@ class _Recorder(TorchFunctionMode):
                 roles = {role: self.names[id(t)] for role, t in parameters.items() if id(t) in self.names}
                 if sorted(roles.values()) == sorted(touched):
                     saved = rule.save(call, output)
-                    versions = [(t, t._version) for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
-                    use = Use(rule, roles, saved, output, versions, output._version, output.clone() if self.clone_outputs else output)
+                    if _torch_private.VERSION_COUNTERS:
+                        recorded = [(t, version(t)) for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
+                    else:  # in-place writes to them would not show: copies the model cannot write to
+                        saved = {key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in saved.items()}
+                        recorded = []
+                    use = Use(rule, roles, saved, output, recorded, version(output), output.clone() if self.clone_outputs else output)
                     self.uses.append(use)
                     return use.returned
         self.unstructured.update(touched)
@@ -142,8 +148,10 @@ def capture(f: FunctionalModel, x: Batch, clone_outputs: bool = False, graph: bo
     gives it copies. Should an in-place op downstream write over a recorded output, the
     pass is run again with copies (``Capture.cloned``; callers pass it on next time).
     ``graph=False`` records no autograd graph (for models whose cotangents come from
-    their chain, ``Capture.chain``).
+    their chain, ``Capture.chain``). Without version counters (:mod:`..._torch_private`),
+    in-place writes would not show: the model always gets copies.
     """
+    clone_outputs = clone_outputs or not _torch_private.VERSION_COUNTERS
     primals = {name: p.detach().requires_grad_(graph) for name, p in f.primals.items()}
     recorder = _Recorder(primals, batch_size(x), clone_outputs)
     with torch.set_grad_enabled(graph), recorder:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._gemm import mm
+from ..._torch_private import activation_backward, unchanged
 from .conv_geometry import ARGUMENTS as CONV_ARGUMENTS
 from .conv_geometry import ConvGeometry
 from .flops import CONVOLUTIONS
@@ -37,13 +38,9 @@ ACTIVATIONS: dict[Callable, Kind] = {
 }
 FROM_INPUT: dict[Callable, Kind] = {F.gelu: "gelu", F.silu: "silu"}
 """Activations whose derivative is computed from their input (not in place)."""
-FUSED_BACKWARD: dict[Kind, tuple[Any, tuple]] = {
-    "relu": (torch.ops.aten.threshold_backward, (0,)),
-    "tanh": (torch.ops.aten.tanh_backward, ()),
-    "sigmoid": (torch.ops.aten.sigmoid_backward, ()),
-}
-"""Backward kernels of activations from their outputs, and their extra arguments (ReLU's
-threshold: its output is positive where its input is)."""
+FROM_OUTPUT = frozenset({"relu", "tanh", "sigmoid"})
+"""Activations whose backward is computed from their output (by PyTorch's fused kernels,
+:func:`..._torch_private.activation_backward`; ReLU's output is positive where its input is)."""
 AFFINE = (
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.pad, torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum,
@@ -62,7 +59,7 @@ class Call:
     """One op the forward pass ran: its function, arguments (and the tensors among them), the
     tensor the model got back, and the index of the recorded use it was (None: not a use);
     the version counters of its output and inputs right after it ran (so that in-place writes
-    later in the pass show)."""
+    later in the pass show; None without version counters)."""
 
     func: Callable
     args: tuple
@@ -70,8 +67,8 @@ class Call:
     inputs: list[torch.Tensor]
     output: torch.Tensor
     use: int | None
-    version: int = 0
-    input_versions: tuple[int, ...] = ()
+    version: int | None = 0
+    input_versions: tuple[int | None, ...] = ()
 
 
 @dataclass
@@ -85,10 +82,10 @@ class Step:
     see :func:`.capture.shed_layer_outputs`)."""
     weight: torch.Tensor | None = None
     use: int | None = None
-    version: int = 0
+    version: int | None = 0
     input: torch.Tensor | None = None
     """The input, for activations whose derivative is computed from it (GELU, SiLU)."""
-    input_version: int = 0
+    input_version: int | None = 0
     geometry: ConvGeometry | None = None
     """A convolution's options."""
     affine: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -110,13 +107,11 @@ class Step:
         """The cotangents of the activation's input from those of its output, g (laid out as
         (k, N, ...), or (N, k, ...) with ``sample_major``); written over g when ``owned``.
         ReLU, tanh and sigmoid use PyTorch's own fused backward kernels."""
-        if self.kind not in FUSED_BACKWARD:
+        if self.kind not in FROM_OUTPUT:
             d = self.derivative()
             d = d.unsqueeze(1) if sample_major else d
             return g.mul_(d) if owned else g * d
-        kernel, extra = FUSED_BACKWARD[self.kind]
-        y = self.output.unsqueeze(1) if sample_major else self.output
-        return kernel.grad_input(g, y, *extra, grad_input=g) if owned else kernel(g, y, *extra)
+        return activation_backward(self.kind, g, self.output.unsqueeze(1) if sample_major else self.output, in_place=owned)
 
     def adjoint(self, g: torch.Tensor, sample_shape: tuple[int, ...]) -> torch.Tensor:
         """The cotangents of an affine map's input from those of its output g (B, ...): its
@@ -131,8 +126,8 @@ class Step:
     def intact(self) -> bool:
         """Whether what the backward pass reads (an activation's output or input) is unchanged."""
         if self.kind in ("gelu", "silu"):
-            return self.input is not None and self.input._version == self.input_version
-        return self.kind not in ("relu", "tanh", "sigmoid") or self.output._version == self.version
+            return self.input is not None and unchanged(self.input, self.input_version)
+        return self.kind not in FROM_OUTPUT or unchanged(self.output, self.version)
 
 
 def first_input(call: Call) -> Any:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ....reduction import Mode
+from ...._torch_private import convolution_weight_grad
 from ..conv_geometry import ARGUMENTS, ConvGeometry
 from ..factors import Factor, JacobianFactor
 from .base import Roles, Rule, Saved
@@ -84,16 +85,13 @@ def grouped_weight_jacobian(saved: Saved, g: torch.Tensor) -> torch.Tensor:
     and the result is output-major too."""
     x, weight_shape, groups = saved["input"], saved["weight_shape"], saved["groups"]
     n, o, c_out = g.shape[:3]
-    dims = x.dim() - 2
     inputs = x.reshape(1, -1, *x.shape[2:])
-    weight = x.new_zeros(()).expand(n * c_out, *weight_shape[1:])  # only its shape is read
     jacobian = torch.empty(o, n, weight_shape.numel(), dtype=g.dtype, device=g.device)
     for a in range(o):
         # channels ordered (sample, group, channel-in-group): one group per (sample, group)
         grad = g[:, a].reshape(1, n * c_out, *g.shape[3:])
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad, inputs, weight, None, saved["stride"], saved["padding"], saved["dilation"],
-            False, [0] * dims, n * groups, [False, True, False],
+        grad_weight = convolution_weight_grad(
+            grad, inputs, (n * c_out, *weight_shape[1:]), saved["stride"], saved["padding"], saved["dilation"], n * groups
         )
         jacobian[a] = grad_weight.reshape(n, -1)
     return jacobian.transpose(0, 1)
