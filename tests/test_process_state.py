@@ -70,7 +70,6 @@ def snapshot() -> dict[str, Any]:
         "interop_threads": torch.get_num_interop_threads(),
         "rng": torch.get_rng_state(),
         "onednn_routing": _gemm._ROUTING.get(),
-        "onednn_intercepting": _gemm._INTERCEPTING.get(),
         "fallback_recorder": _process._SEEN.get(),
         "shared_users": [_process._FILTER.users] + [f.users for f in _vp_flags()],
         **backend_flags(),

@@ -24,7 +24,6 @@ from fastntk.methods.structured.capture import capture
 
 APIS = {
     "onednn_linear": tp.ONEDNN_LINEAR,
-    "dispatch_mode": tp.DISPATCH_MODE,
     "version_counters": tp.VERSION_COUNTERS,
     "fused_activation_backward": tp.FUSED_ACTIVATION_BACKWARD,
     "convolution_backward": tp.CONVOLUTION_BACKWARD,
@@ -32,7 +31,6 @@ APIS = {
 }
 EXERCISED_BY = {
     "onednn_linear": (["mlp", "chain_mlp", "residual"], ["structured", "jacobian"]),
-    "dispatch_mode": (["mlp", "transformer"], ["structured", "vp"]),
     "version_counters": (["inplace_relu", "chain_mlp", "chain_gelu", "residual"], ["structured"]),
     "fused_activation_backward": (["chain_mlp", "tanh", "inplace_relu"], ["structured"]),
     "convolution_backward": (["conv3d", "conv2d_groups", "tutorial_cnn"], ["structured"]),
@@ -42,19 +40,12 @@ EXERCISED_BY = {
 FALLBACK_RUNS = [(api, case, method) for api, (cases, methods) in EXERCISED_BY.items() for case in cases for method in methods]
 
 
-@pytest.fixture
-def every_gemm_to_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test models' products are tiny: let every float32 one go to oneDNN."""
-    monkeypatch.setattr(_gemm, "MIN_FLOPS", 1)
-
-
 def test_every_private_api_is_present_in_this_pytorch() -> None:
     """The fast paths are the ones tested elsewhere (a PyTorch that lost one shows here first)."""
     missing = [name for name, api in APIS.items() if not api.present]
     assert not missing or missing == ["onednn_linear"] and not torch.backends.mkldnn.is_available()
 
 
-@pytest.mark.usefixtures("every_gemm_to_onednn")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize(("api", "case", "method"), FALLBACK_RUNS)
 def test_kernel_is_exact_on_the_fallback(api: str, case: str, method: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,7 +56,6 @@ def test_kernel_is_exact_on_the_fallback(api: str, case: str, method: str, dtype
     assert_kernel_close(kernel, reduce_full(reference_full(case, dtype, False), "full"), dtype)
 
 
-@pytest.mark.usefixtures("every_gemm_to_onednn")
 @pytest.mark.parametrize("case", ["chain_mlp", "inplace_relu", "conv3d", "token_dict"])
 def test_kernel_is_exact_on_every_fallback_at_once(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for api in APIS.values():
@@ -93,51 +83,13 @@ def test_onednn_linear_and_its_fallback_agree(monkeypatch: pytest.MonkeyPatch) -
 
 def test_without_onednn_no_product_is_routed(monkeypatch: pytest.MonkeyPatch) -> None:
     routed: list[int] = []
-    monkeypatch.setattr(_gemm, "MIN_FLOPS", 1)
-    monkeypatch.setattr(_gemm, "_route", lambda func, args, kwargs: routed.append(1) or func(*args, **kwargs))
+    monkeypatch.setattr(_gemm, "_linear", lambda a, b_t, bias: routed.append(1) or F.linear(a, b_t, bias))
     monkeypatch.setattr(tp.ONEDNN_LINEAR, "off", True)
     a = torch.randn(6, 6)
     with _gemm.fast_matmuls():
         product = _gemm.mm(a, a) + a @ a
     assert routed == []
     torch.testing.assert_close(product, 2 * (a @ a))
-
-
-# --------------------------------------------------------------------------- dispatch modes
-
-
-def test_ops_are_intercepted_only_with_dispatch_modes(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[object] = []
-
-    def handle(func, args, kwargs):  # noqa: ANN001, ANN202
-        seen.append(func)
-        return func(*args, **kwargs)
-
-    a = torch.randn(3, 3)
-    with tp.intercept_aten_ops(handle) as intercepting:
-        product = a @ a
-    assert intercepting and torch.ops.aten.mm.default in seen
-    seen.clear()
-    monkeypatch.setattr(tp.DISPATCH_MODE, "off", True)
-    with tp.intercept_aten_ops(handle) as intercepting:
-        again = a @ a
-    assert not intercepting and seen == []
-    torch.testing.assert_close(again, product)
-
-
-@pytest.mark.skipif(not _gemm.onednn_available(), reason="this PyTorch has no oneDNN linear op")
-def test_without_dispatch_modes_the_librarys_own_products_still_go_to_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    monkeypatch.setattr(_gemm, "MIN_FLOPS", 1)
-    monkeypatch.setattr(_gemm, "_linear", lambda a, b_t, bias: calls.append(1) or F.linear(a, b_t, bias))
-    monkeypatch.setattr(tp.DISPATCH_MODE, "off", True)
-    a = torch.randn(6, 6)
-    with _gemm.fast_matmuls():
-        assert not _gemm._active()
-        a @ a  # a model's product: not routed
-        assert calls == []
-        _gemm.mm(a, a)
-    assert calls == [1]
 
 
 # --------------------------------------------------------------------------- version counters

@@ -35,4 +35,5 @@ __all__ = [
     "SelectionError",
     "ResumeError",
     "LockedError",
+    "__version__",
 ]

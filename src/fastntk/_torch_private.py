@@ -6,11 +6,8 @@ first use), and not switched off. When it is false, the function that wraps it r
 fallback made of public APIs that computes the same kernel, possibly slower:
 
 - ``torch.ops.mkldnn._linear_pointwise`` (:data:`ONEDNN_LINEAR`): float32 CPU GEMMs by
-  oneDNN (:mod:`._gemm`). Fallback ``F.linear``, PyTorch's GEMM (MKL: about 2x slower on AMD
+  oneDNN (:mod:`._gemm`). Fallback ``F.linear``, PyTorch's GEMM (MKL: slower on AMD
   processors, the same elsewhere).
-- ``torch.utils._python_dispatch.TorchDispatchMode`` and its ``_should_skip_dynamo`` hook
-  (:data:`DISPATCH_MODE`): routing a model's own GEMMs to oneDNN (:mod:`._gemm`). Fallback: no
-  routing; the model's GEMMs stay PyTorch's (the library's own products still go to oneDNN).
 - ``Tensor._version`` (:data:`VERSION_COUNTERS`): in-place writes to a model's inputs (refused)
   and over what the structured method recorded. Fallback: the inputs are compared by value
   with a copy; the structured method records copies of the layers' inputs and outputs (one
@@ -35,11 +32,10 @@ off with ``monkeypatch.setattr(ONEDNN_LINEAR, "off", True)``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,71 +95,6 @@ def onednn_linear(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None)
     if ONEDNN_LINEAR:
         return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
     return F.linear(a, b_t, bias)
-
-
-# ------------------------------------------------------------------ dispatch modes
-
-
-def _probe_dispatch_mode() -> bool:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen: list[object] = []
-
-    class Probe(TorchDispatchMode):
-        @classmethod
-        def _should_skip_dynamo(cls) -> bool:
-            return False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    a = torch.ones(2, 2)
-    with Probe():
-        product = a @ a
-    return torch.ops.aten.mm.default in seen and torch.equal(product, torch.full((2, 2), 2.0))
-
-
-DISPATCH_MODE = PrivateAPI("dispatch_mode", _probe_dispatch_mode)
-"""``torch.utils._python_dispatch.TorchDispatchMode``: present, and sees a matrix product's aten op."""
-
-
-@functools.cache
-def _interceptor_class() -> type:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Interceptor(TorchDispatchMode):
-        def __init__(self, handle: Callable[[Any, tuple, dict], Any]) -> None:
-            super().__init__()
-            self.handle = handle
-
-        @classmethod
-        def _should_skip_dynamo(cls) -> bool:
-            # Otherwise TorchDispatchMode wraps __torch_dispatch__ in torch._dynamo.disable, whose
-            # first call imports torch._dynamo (~0.8 s); nothing here is ever compiled. (Should
-            # PyTorch drop the hook, this only costs that import.)
-            return False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            return self.handle(func, args, kwargs or {})
-
-    return Interceptor
-
-
-def intercept_aten_ops(handle: Callable[[Any, tuple, dict], Any]) -> ContextManager[bool]:
-    """A context in which every aten op of this thread runs as ``handle(op, args, kwargs)``
-    (an ``OpOverload`` such as ``torch.ops.aten.mm.default``; ``handle`` runs the op itself for
-    what it does not change, and runs outside the context). It yields whether ops are
-    intercepted: without :data:`DISPATCH_MODE`, nothing is, and ops run as PyTorch's."""
-    if not DISPATCH_MODE:
-        return contextlib.nullcontext(False)
-    return _entered(_interceptor_class()(handle))
-
-
-@contextlib.contextmanager
-def _entered(mode: ContextManager) -> Iterator[bool]:
-    with mode:
-        yield True
 
 
 # ------------------------------------------------------------------ version counters

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import RTOL64, assert_rel_close
-from fastntk.methods import jacobian
 from fastntk.methods.contraction import contract_jacobian_pair, is_output_major
 
 

@@ -83,8 +83,8 @@ class KernelMethod(ABC):
 
     def contracted(self, left: Any, right: Any) -> torch.Tensor:
         """:meth:`contract`, its products on oneDNN where that is faster (the contractions call
-        ``_gemm.mm``, so no dispatch mode is needed; see :func:`fast_matmuls`)."""
-        with fast_matmuls(intercept=False):
+        ``_gemm.mm``; see :func:`fast_matmuls`)."""
+        with fast_matmuls():
             return self.contract(left, right)
 
     @abstractmethod

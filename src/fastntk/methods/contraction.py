@@ -66,7 +66,7 @@ def contract_jacobian_pair(a: torch.Tensor, b: torch.Tensor, mode: Mode) -> torc
     return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).permute(1, 2, 0)
 
 
-def contract_jacobians(j1: Params, j2: Params, mode: Mode) -> torch.Tensor:
+def contract_jacobians(j1: dict[str, torch.Tensor], j2: dict[str, torch.Tensor], mode: Mode) -> torch.Tensor:
     """Σ over parameter tensors of J1 J2ᵀ, reduced per ``mode``."""
     total = None
     for name, a in j1.items():

@@ -11,9 +11,8 @@ from torch.func import jacrev, vmap
 
 from .._functional import FunctionalModel, Params
 from .._inputs import Batch
-from ..reduction import Mode
 from .base import KernelMethod
-from .contraction import contract_jacobians, flat_jacobian
+from .contraction import contract_jacobians
 from .per_sample import vmapped_or_looped
 
 

@@ -27,7 +27,6 @@ from torch.overrides import TorchFunctionMode
 
 from .._errors import ModelError
 from .._functional import Params
-from .._gemm import fast_matmuls
 from .._inputs import Batch, batch_size, take
 from .._process import FORWARD_AD, Shared, flag
 from .base import KernelMethod
@@ -74,7 +73,7 @@ class VPMethod(KernelMethod):
             return jvp(lambda p: f(p, left), (primals,), (tangent,))[1]  # (N1, O)
 
         chunk = max(1, SAMPLE_EVALUATIONS // batch_size(left))
-        with fast_matmuls(), forward_mode_kernels():  # the model's passes: through the dispatch mode
+        with forward_mode_kernels():
             try:
                 products = or_on_composite_kernels(lambda: vmap(push, chunk_size=chunk)(tangents))  # K[n, m, a, b] at [m·O + b, n, a]
             except NotImplementedError as exc:

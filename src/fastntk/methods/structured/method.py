@@ -18,11 +18,11 @@ import torch
 from ..._gemm import fast_matmuls
 from ..._errors import ModelError
 from ..._functional import FunctionalModel
-from ..._inputs import Batch, batch_size, concat, same_batch, take
+from ..._inputs import Batch, batch_size, concat, take
 from ...reduction import Mode, block_shape
 from ..._process import quiet_fallbacks
 from ..base import KernelMethod, Kept
-from ..contraction import contract_jacobian_pair, flat_jacobian
+from ..contraction import flat_jacobian
 from ..jacobian import jacobian_bytes, per_sample_jacobians
 from .capture import Capture, Use, capture, per_output_cotangents, samples_of, shape_of
 from .chain import RowsCotangents, chain_cotangent_chunks, compact_uses
@@ -247,7 +247,7 @@ class StructuredMethod(KernelMethod):
         observed.outputs = shape_of(observed.outputs)  # free the graph before the check
         candidates, _ = split_fallback(factors, observed.unstructured | conflicts)
         probe = take(x, 0, min(n, CHECKED_SAMPLES))
-        with fast_matmuls(intercept=False):  # the contractions call _gemm.mm, as they will for the kernel
+        with fast_matmuls():  # the contractions call _gemm.mm, as they will for the kernel
             failed = failed_groups(self.f, probe, self.mode, o, candidates)
         rejected = {name for group in failed for name in group}
         if chain and rejected:  # the chain's cotangents disagree with autograd's: leave it to autograd
@@ -277,7 +277,7 @@ class StructuredMethod(KernelMethod):
             chunks = chain_cotangent_chunks(observed.chain, len(uses), n, o, chunk, sample_major=compact, keep_rows=compact)
         else:
             chunks = per_output_cotangents(observed.outputs, [use.output for use in uses], chunk, retain_graph)
-        with fast_matmuls(fast, intercept=not chain):  # a chain's backward calls _gemm.mm
+        with fast_matmuls(fast):  # a chain's backward calls _gemm.mm
             for start, cotangents in zip(range(0, o, chunk), chunks):
                 for i, use in enumerate(uses):
                     g, cotangents[i] = cotangents[i], None  # each use's cotangents go once its factors are made
