@@ -72,8 +72,8 @@ class Layout:
     direction_bytes: int
     """Bytes of one sample's cotangents for one output."""
     matmul_heavy: bool
-    """Whether matrix products make most of the forward FLOPs: then the passes use oneDNN's
-    and the backward passes are vmapped over several outputs at once."""
+    """Whether matrix products make most of the forward FLOPs: then a chain's backward passes
+    use oneDNN's and the backward passes are vmapped over several outputs at once."""
     clone_outputs: bool = False
     """Whether the model writes over a recorded layer output in place, so that the forward
     pass must give it copies (see :func:`capture`)."""
@@ -305,8 +305,7 @@ class StructuredMethod(KernelMethod):
         """The factors of the block x, the fallback's included."""
         assert self.calibration is not None, "calibrate first (the engine's calibrate_on_first_block)"
         heavy = self.calibration.matmul_heavy
-        with fast_matmuls(heavy):
-            observed = capture_for(self.f, x, self.calibration.clone_outputs, chain=self.calibration.chain)
+        observed = capture_for(self.f, x, self.calibration.clone_outputs, chain=self.calibration.chain)
         chain = self.calibration.chain and observed.chain is not None
         n, o = observed.outputs.shape
         chunk = self.calibration.output_chunk(n, o)
@@ -325,8 +324,7 @@ class StructuredMethod(KernelMethod):
         if layout is None or not layout.chain:
             return super().left_and_right(x1, x2)
         n1 = batch_size(x1)
-        with fast_matmuls(layout.matmul_heavy):
-            observed = capture(self.f, concat([x1, x2]), layout.clone_outputs, graph=False)
+        observed = capture(self.f, concat([x1, x2]), layout.clone_outputs, graph=False)
         if observed.chain is None or (observed.unstructured & set(self.f.primals)) - set(self.fallback):
             return super().left_and_right(x1, x2)
         sides = []
