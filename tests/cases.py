@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastntk._inputs import Batch
+from fastntk._inputs import Batch, map_leaves
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,7 @@ class Case:
 
     def draw(self, n: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> Batch:
         batch = self.inputs(n, torch.Generator().manual_seed(seed))
-        from fastntk._inputs import cast_floating
-
-        return cast_floating(batch, dtype)
+        return map_leaves(lambda t: t.to(dtype) if t.is_floating_point() else t, batch)
 
 
 def normal(*shape: int) -> Callable[[int, torch.Generator], torch.Tensor]:

@@ -12,7 +12,6 @@ from torch import nn
 
 import fastntk
 from conftest import RTOL64, assert_rel_close
-from fastntk._inputs import same_batch, take
 
 
 
@@ -363,18 +362,6 @@ def test_token_ids_with_different_lengths_are_refused() -> None:
     torch.manual_seed(0)
     with pytest.raises(fastntk.InputError, match="sample shapes"):
         fastntk.ntk(TokenModel(), tokens(4, length=5), tokens(3, length=6))
-
-
-def test_same_batch_means_same_memory_and_shapes() -> None:
-    x = {"a": torch.arange(12.0).reshape(6, 2), "b": torch.arange(6)}
-    assert same_batch(take(x, 0, 4), take(x, 0, 4))
-    assert not same_batch(take(x, 0, 4), take(x, 0, 3))  # other shape
-    assert not same_batch(take(x, 0, 4), take(x, 1, 5))  # other memory
-    assert not same_batch(take(x, 0, 4), {k: v[:4].clone() for k, v in x.items()})  # equal values, other memory
-    assert not same_batch(x["a"], (x["a"],))  # other structure
-
-
-# --------------------------------------------------------------------------- the meta device
 
 
 def test_a_model_on_the_meta_device_is_refused_at_once() -> None:

@@ -65,6 +65,6 @@ def test_plan_computes_no_kernel_and_calibrates_nothing(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(torch.autograd, "grad", refuse)
     monkeypatch.setattr(torch.autograd, "backward", refuse)
-    monkeypatch.setattr(StructuredMethod, "calibrate", refuse)
+    monkeypatch.setattr(StructuredMethod, "calibrated", refuse)
     plan = fastntk.plan(model, x, mode="trace")
     assert plan.flops == expected.flops and plan.chosen == expected.chosen == "structured"

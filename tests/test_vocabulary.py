@@ -107,3 +107,87 @@ def test_the_names_of_0_1_still_work_with_a_warning(old: str, new: str, value: i
 def test_an_unknown_option_is_named() -> None:
     with pytest.raises(fastntk.OptionError, match="unknown option 'chunk'.*block_size"):
         fastntk.ntk(mlp(), samples(3, 1), chunk=2)
+
+
+def test_an_old_name_with_its_new_one_is_refused() -> None:
+    with pytest.raises(fastntk.OptionError, match="chunk_size= and block_size= are the same option"):
+        fastntk.ntk_fn(mlp(), block_size=2, chunk_size=7)
+
+
+def test_deprecation_warnings_point_at_the_caller() -> None:
+    net, x = mlp(), samples(4, 1)
+    for call in (
+        lambda: fastntk.ntk_fn(net, chunk_size=2),
+        lambda: fastntk.ntk(net, x, chunk_size=2),
+        lambda: fastntk.plan(net, x, chunk_size=2),
+        lambda: fastntk.gram(net, data1=x),
+        lambda: fastntk.NTKFunction(net, mode="trace"),
+    ):
+        with pytest.warns(DeprecationWarning) as record:
+            call()
+        assert all(r.filename == __file__ for r in record if "fastntk" in str(r.message))
+
+
+def test_gram_takes_the_names_of_0_1() -> None:
+    net, x = mlp(), samples(6, 1)
+    with pytest.warns(DeprecationWarning):
+        old = fastntk.gram(net, data1=x, mode="trace", memory_budget=10**7)
+    assert torch.equal(old, fastntk.gram(net, x, mode="trace", max_memory=10**7))
+
+
+def test_out_on_ntk_points_to_gram() -> None:
+    with pytest.raises(fastntk.OptionError, match=r"unknown option 'out'.*fastntk.gram\(\.\.\., out=\.\.\.\)"):
+        fastntk.ntk(mlp(), samples(3, 1), out="k.npy")
+
+
+def test_blocks_of_one_row_are_sized_by_what_they_hold() -> None:
+    """K(x1, x2) with N1 = 1: a block of b samples holds 1 x b pairs, not b x b."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 10)
+    x1, x2 = samples(1, 1), samples(3000, 2)
+    kernel = fastntk.ntk(net, x1, x2, mode="full", block_size=3000, max_memory="100MB")
+    assert_kernel_close(kernel, fastntk.reference_ntk(net, x1, x2, mode="full"), torch.float32)
+    assert fastntk.plan(net, x1, x2, mode="full", max_memory="100MB").block_size == 3000
+
+
+def test_a_block_size_beyond_the_budget_is_refused_before_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastntk.methods.structured.method import StructuredMethod
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("calibrated although the block cannot fit")
+
+    monkeypatch.setattr(StructuredMethod, "calibrated", refuse)
+    net = nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 10))
+    with pytest.raises(fastntk.OptionError, match="blocks of 4000 samples need"):
+        fastntk.ntk(net, samples(4000, 1), mode="trace", method="structured", block_size=4000, max_memory="100MB")
+
+
+def test_plan_of_a_named_method_gives_its_block_size() -> None:
+    net, x = nn.Sequential(nn.Linear(30, 200), nn.Tanh(), nn.Linear(200, 10)), torch.randn(3000, 30)
+    named = fastntk.plan(net, x, mode="trace", method="jacobian", max_memory="300MB")
+    assert named.chosen == "jacobian" and named.block_size < fastntk.plan(net, x, mode="trace", max_memory="300MB").block_size
+
+
+def test_plan_of_a_kernel_larger_than_memory_plans_it_on_disk() -> None:
+    plan = fastntk.plan(mlp(), samples(30000, 1), mode="full", max_memory="1GB")
+    assert plan.block_size is not None and plan.block_size < 30000
+
+
+def test_train_and_eval_are_different_kinds_of_call() -> None:
+    """A forward may branch on self.training: what an NTKFunction learned in one mode is not reused in the other."""
+
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) if self.training else self.b(x) * self.b(x)
+
+    torch.manual_seed(0)
+    model = Branch()
+    fn = fastntk.ntk_fn(model, mode="trace", method="structured")
+    x = samples(5, 1)
+    for training in (True, False, True):
+        model.train(training)
+        assert_kernel_close(fn(x), fastntk.reference_ntk(model, x, mode="trace"), torch.float32)

@@ -9,6 +9,7 @@ choose the method by the cost model (:mod:`.plan`) and size its blocks within ``
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -19,9 +20,9 @@ from ._errors import ModelError, NonFiniteError, OptionError
 from ._functional import FunctionalModel, ParamSelection
 from ._heap import keep_freed_memory, keep_heap_requested
 from ._inputs import BatchSpec, all_finite, batch_size, check_compatible, check_finite, describe, take
-from ._options import Options, parse_options
+from ._options import Options, options_of
 from ._problem import Problem
-from .blocks.budget import DEFAULT_MAX_MEMORY, Sizing, check_fits, format_bytes
+from .blocks.budget import DEFAULT_MAX_MEMORY, Sizing, format_bytes
 from .blocks.engine import calibrate_on_first_block, kernel_context, place, progress_bar, raise_non_finite, run
 from .blocks.schedule import Block, all_blocks
 from .methods import METHODS, KernelMethod
@@ -33,6 +34,9 @@ from .sources import ArraySource, DatasetSource, Select, Source, as_source
 PROBE = 3
 """Samples the model is probed on for batch dependence and randomness."""
 
+Kind = tuple[BatchSpec, tuple[bool, ...]]
+"""What an NTKFunction's caches are keyed by (:meth:`NTKFunction._kind`)."""
+
 
 class NTKFunction:
     """The empirical NTK of one model as a reusable function ``(x1, x2=None) -> Tensor``;
@@ -43,13 +47,16 @@ class NTKFunction:
     again only when the kind or number of inputs changes.
     """
 
-    def __init__(self, model: nn.Module, options: Options) -> None:
+    def __init__(self, model: nn.Module, options: Options | None = None, **kwargs: Any) -> None:
+        if options is None:  # fastntk 0.1's NTKFunction(model, mode=..., ...)
+            warnings.warn("fastntk: NTKFunction(model, ...) is deprecated, use fastntk.ntk_fn(model, ...)", DeprecationWarning, stacklevel=2)
+            options = options_of(kwargs, stacklevel=2)
         FunctionalModel.build(model, options.params, options.dtype)  # validate the model and the selection now
         self._model, self._options = model, options
-        self._probed: dict[BatchSpec, tuple[int, int]] = {}
-        self._batchable: dict[BatchSpec, bool] = {}
-        self._calibrations: dict[tuple[BatchSpec, str], Any] = {}
-        self._choices: dict[tuple[BatchSpec, int, int | None], str] = {}
+        self._probed: dict[Kind, tuple[int, int]] = {}
+        self._batchable: dict[Kind, bool] = {}
+        self._calibrations: dict[tuple[Kind, str], Any] = {}
+        self._choices: dict[tuple[Kind, int, int | None], str] = {}
 
     def __call__(self, x1: Any, x2: Any = None) -> torch.Tensor:
         """The kernel between x1 (N1 samples) and x2 (N2 samples; None: x1 itself).
@@ -66,9 +73,14 @@ class NTKFunction:
 
     def plan(self, x1: Any, x2: Any = None) -> Plan:
         """The cost estimates for K(x1, x2), the method this function uses for it (with "auto"
-        the cheapest estimate) and its block size. Computes no kernel."""
+        the cheapest estimate) and its block size. Computes no kernel. A kernel larger than
+        ``max_memory`` is planned as ``fastntk.gram(..., out=...)`` computes it, on disk."""
         problem = self._problem(x1, x2)
-        plan, _ = self._plan(problem, self._in_memory_sizing(problem))
+        if problem.result_bytes >= self._options.max_memory:
+            sizing = problem.sizing(self._options.max_memory, partitioned=True)
+        else:
+            sizing = self._in_memory_sizing(problem)
+        plan, _ = self._plan(problem, sizing)
         return plan
 
     # -- shared with fastntk.gram ---------------------------------------------------------
@@ -87,29 +99,35 @@ class NTKFunction:
         spec = describe(problem.probe1, "x1")
         if problem.probe2 is not None:
             check_compatible(spec, describe(problem.probe2, "x2"))
+        kind = self._kind(problem)
         if options.check:  # before any work: every method refuses the same way
             for source in (s1, s2):
                 if in_memory(source):
                     check_finite(source.take(0, len(source)), source.name)
             f.check_finite_params()
         available = min(PROBE, batch_size(problem.probe1) + (0 if problem.probe2 is None else batch_size(problem.probe2)))
-        if spec not in self._probed or self._probed[spec][1] < available:
+        if kind not in self._probed or self._probed[kind][1] < available:
             try:
-                self._probed[spec] = check_per_sample(f, problem.probe1, problem.probe2, PROBE)
+                self._probed[kind] = check_per_sample(f, problem.probe1, problem.probe2, PROBE)
             except ModelError as exc:
                 if select is None and isinstance(s1, DatasetSource) and isinstance(problem.probe1, (tuple, list)):
                     raise ModelError(f"{exc}; the dataset's items are tuples, all passed to the model: for (inputs, labels) items pass select=0") from exc
                 raise
-        f.batchable = self._batchable.get(spec, True)  # until vmap is seen to fail on such inputs
-        problem.num_outputs = self._probed[spec][0]
+        f.batchable = self._batchable.get(kind, True)  # until vmap is seen to fail on such inputs
+        problem.num_outputs = self._probed[kind][0]
         return problem
+
+    def _kind(self, problem: Problem) -> Kind:
+        """What the caches are keyed by: the kind of input, and the modules' train/eval flags
+        (a forward may branch on them)."""
+        return describe(problem.probe1, "x1"), tuple(m.training for m in self._model.modules())
 
     def _plan(self, problem: Problem, sizing: Sizing) -> tuple[Plan, dict[str, KernelMethod]]:
         """The cost of every method on this problem, and the methods it costed."""
-        spec, f = describe(problem.probe1, "x1"), problem.f
-        if spec not in self._batchable:  # the costs differ when the Jacobians must be looped
-            self._batchable[spec] = vmap_failure(f, take(problem.probe1, 0, 1)) is None
-        f.batchable = self._batchable[spec]
+        kind, f = self._kind(problem), problem.f
+        if kind not in self._batchable:  # the costs differ when the Jacobians must be looped
+            self._batchable[kind] = vmap_failure(f, take(problem.probe1, 0, 1)) is None
+        f.batchable = self._batchable[kind]
         with kernel_context():
             plan, methods = make_plan(
                 f, problem.probe1, sizing, problem.options.mode, problem.num_outputs,
@@ -117,13 +135,14 @@ class NTKFunction:
             )
         if self._options.method != "auto":
             plan.chosen = self._options.method
+            plan.block_size = None if sizing.over(methods[plan.chosen]) else sizing.block(methods[plan.chosen])
         if self._options.block_size is not None:
             plan.block_size = self._options.block_size
         return plan, methods
 
     def _bound(self, name: str, problem: Problem) -> KernelMethod:
         """Method ``name`` bound to the problem, with what an earlier call on such inputs learned."""
-        calibration = self._calibrations.get((describe(problem.probe1, "x1"), name))
+        calibration = self._calibrations.get((self._kind(problem), name))
         return METHODS[name](problem.f, problem.options.mode, problem.num_outputs, calibration)
 
     def _choose(self, problem: Problem, sizing: Sizing) -> KernelMethod:
@@ -132,7 +151,7 @@ class NTKFunction:
         name = self._options.method
         if name != "auto":
             return self._bound(name, problem)
-        key = (describe(problem.probe1, "x1"), problem.n1, None if problem.symmetric else problem.n2)
+        key = (self._kind(problem), problem.n1, None if problem.symmetric else problem.n2)
         if key in self._choices:
             return self._bound(self._choices[key], problem)
         plan, methods = self._plan(problem, sizing)
@@ -140,17 +159,22 @@ class NTKFunction:
         return methods[plan.chosen]
 
     def _calibrated(
-        self, problem: Problem, method: KernelMethod, sizing: Sizing, keep: bool, block: int | None = None
+        self, problem: Problem, method: KernelMethod, sizing: Sizing, keep: bool, samples: int | None = None
     ) -> tuple[KernelMethod, Kept | None, int]:
-        """``method`` calibrated on the first block (of ``block`` samples, by default the option's
-        or what fits the budget; remembered for later calls), what it kept of that block, and
-        the block size."""
-        block = block or self._options.block_size
+        """``method`` calibrated on the first block (or on the first ``samples`` samples;
+        remembered for later calls), what it kept of that block, and the block size. A given
+        ``block_size`` that cannot fit the budget is refused before any calibration."""
+        block = self._options.block_size
         kept = None
         if not method.ready:
+            if block is not None and samples is None:
+                method = method.estimated(problem.load(1, 0, 1))
+                sizing.check(method, block)
+            n2 = None if problem.symmetric else problem.n2
             with kernel_context():
-                method, kept, block = calibrate_on_first_block(method, problem.load, problem.n1, None if problem.symmetric else problem.n2, block, sizing.block, keep=keep)
-            self._calibrations[(describe(problem.probe1, "x1"), method.name)] = method.calibration
+                method, kept, calibrated_block = calibrate_on_first_block(method, problem.load, problem.n1, n2, samples or block, sizing.block, keep=keep)
+            block = block if samples else calibrated_block
+            self._calibrations[(self._kind(problem), method.name)] = method.calibration
         return method, kept, block or sizing.block(method)
 
     def _in_memory_sizing(self, problem: Problem) -> Sizing:
@@ -168,7 +192,7 @@ class NTKFunction:
         """The whole kernel in memory, on one rank (``on_block``: called with each finished block)."""
         sizing = self._in_memory_sizing(problem)
         method, kept, block = self._calibrated(problem, self._choose(problem, sizing), sizing, keep=True)
-        check_fits(sizing.footprint(method), min(block, max(problem.n1, problem.n2)), sizing.budget, sizing.reserved)
+        sizing.check(method, block)
         result = torch.empty(problem.shape, device=problem.f.device, dtype=problem.f.dtype)
         blocks = all_blocks(problem.n1, problem.n2, block, problem.symmetric)
         mode = problem.options.mode
@@ -178,8 +202,7 @@ class NTKFunction:
                 kernel.unchecked(), blocks, block, sizing.cache_capacity(method, block),
                 lambda b, value: place(result, b, value, problem.symmetric, mode), kept=kept, bar=bar, on_block=on_block,
             )
-        spec = describe(problem.probe1, "x1")
-        self._batchable[spec] = problem.f.batchable  # False once vmap failed on these inputs: later calls loop at once
+        self._batchable[self._kind(problem)] = problem.f.batchable  # False once vmap failed on these inputs: later calls loop at once
         if self._options.check and not all_finite(result):  # the whole kernel first: nothing computed is lost
             try:
                 raise_non_finite(Block(0, 0, (0, problem.n1), (0, problem.n2)), result, problem.symmetric)
@@ -216,11 +239,8 @@ def ntk_fn(
         >>> kernel(torch.randn(5, 3)).shape
         torch.Size([5, 5])
     """
-    options = parse_options(
-        mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory,
-        check=check, progress=progress, renamed=renamed,
-    )
-    return NTKFunction(model, options)
+    options = dict(mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check, progress=progress)
+    return NTKFunction(model, options_of({**options, **renamed}, stacklevel=2))
 
 
 def ntk(
@@ -282,10 +302,8 @@ def ntk(
         >>> fastntk.ntk(net, torch.randn(5, 3), torch.randn(4, 3)).shape
         torch.Size([5, 4, 2, 2])
     """
-    return ntk_fn(
-        model, mode=mode, method=method, params=params, dtype=dtype, block_size=block_size,
-        max_memory=max_memory, check=check, progress=progress, **renamed,
-    )(x1, x2)
+    options = dict(mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check, progress=progress)
+    return NTKFunction(model, options_of({**options, **renamed}, stacklevel=2))(x1, x2)
 
 
 def plan(
@@ -304,6 +322,5 @@ def plan(
     """The estimated cost of each exact method for :func:`ntk` with these arguments, the one it
     uses (``method="auto"``: the cheapest) and its block size; computes no kernel.
     ``print(fastntk.plan(model, x1, x2))`` shows the table."""
-    return ntk_fn(
-        model, mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, **renamed
-    ).plan(x1, x2)
+    options = dict(mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory)
+    return NTKFunction(model, options_of({**options, **renamed}, stacklevel=2)).plan(x1, x2)

@@ -2,9 +2,8 @@
 
 PyTorch's CPU ``mm``/``addmm`` call MKL, whose float32 GEMM runs its AVX2 code path on AMD
 processors; oneDNN, also inside PyTorch (``torch.ops.mkldnn._linear_pointwise``, the op
-``torch.compile`` uses for CPU linear layers; private, see :mod:`._torch_private`), runs AVX-512 there and was measured about
-faster on AMD processors (``bench/gemm.py`` measures it on a machine) at float32
-accuracy. Inside :func:`fast_matmuls` the library's own products (contractions, a chain's
+``torch.compile`` uses for CPU linear layers; private, see :mod:`._torch_private`), runs
+AVX-512 there: faster at float32 accuracy (``bench/gemm.py`` measures both on a machine). Inside :func:`fast_matmuls` the library's own products (contractions, a chain's
 backward pass) call :func:`mm`, which goes to oneDNN; a model's own passes keep PyTorch's
 kernels (routing them through a dispatch mode did not earn its cost: ``docs/special-paths.md``).
 Anything else (other dtypes, CUDA, a PyTorch without the op) runs as before.

@@ -82,18 +82,6 @@ def check_compatible(spec1: BatchSpec, spec2: BatchSpec) -> None:
             )
 
 
-def check_fits_model(spec: BatchSpec, name: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Raise InputError if a tensor is on another device, or floating with another dtype, than the model."""
-    for i, (dev, dt) in enumerate(zip(spec.devices, spec.dtypes)):
-        if dev != device:
-            raise InputError(f"{name} (leaf {i}) is on {dev} but the model is on {device}: move it with .to({str(device)!r})")
-        if dt.is_floating_point and dt != dtype:
-            raise InputError(
-                f"{name} (leaf {i}) has dtype {dt} but the model computes in {dtype}: "
-                f"cast it with .to({dtype}), or pass dtype={dt} to compute the kernel in {dt}"
-            )
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """Whether a floating tensor holds no NaN or inf. A finite sum proves it in one cheap
     reduction (any NaN or inf makes the sum NaN or inf); only a sum that is not finite,
@@ -111,25 +99,9 @@ def check_finite(x: Batch, name: str, first: int = 0) -> None:
             raise NonFiniteError(f"{name} (leaf {i}) contains NaN or inf, first in sample {n}: clean the inputs first")
 
 
-def cast_floating(x: Batch, dtype: torch.dtype) -> Batch:
-    """The batch with floating tensors cast to ``dtype`` (integer tensors such as token ids unchanged)."""
-    return pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, x)
-
-
 def take(x: Batch, start: int, stop: int) -> Batch:
     """Samples ``start:stop`` of a batch."""
     return pytree.tree_map(lambda t: t[start:stop], x)
-
-
-def same_batch(a: Batch, b: Batch) -> bool:
-    """Whether two batches are views of the same memory with the same shapes (e.g. two
-    takes of one block), so anything computed from one holds for the other."""
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    return spec_a == spec_b and all(
-        s.data_ptr() == t.data_ptr() and s.shape == t.shape and s.stride() == t.stride() and s.dtype == t.dtype and s.device == t.device
-        for s, t in zip(leaves_a, leaves_b)
-    )
 
 
 def concat(xs: list[Batch]) -> Batch:

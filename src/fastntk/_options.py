@@ -19,6 +19,8 @@ METHOD_NAMES = ("auto", "jacobian", "vp", "structured")
 RENAMED = {"chunk_size": "block_size", "memory_budget": "max_memory"}
 """Names of fastntk 0.1 still accepted, with a DeprecationWarning."""
 
+DEFAULTS: dict[str, Any] = {"block_size": None, "max_memory": DEFAULT_MAX_MEMORY}
+
 
 @dataclass(frozen=True)
 class Options:
@@ -52,6 +54,33 @@ class Options:
         return "trace_mean" if self.mean else self.mode
 
 
+OPTION_NAMES = ("mode", "method", "params", "dtype", "block_size", "max_memory", "check", "progress")
+
+
+def options_of(given: dict[str, Any], stacklevel: int = 2, extra: tuple[str, ...] = ()) -> Options:
+    """:func:`parse_options` of keyword arguments as a caller gave them: fastntk 0.1's names
+    (:data:`RENAMED`) are taken with a DeprecationWarning pointing ``stacklevel`` frames up
+    from the caller; unknown names are refused (``extra``: the caller's own options, listed).
+
+    Raises:
+        OptionError: an unknown option, an old name given with its new one, or a bad value.
+    """
+    options: dict[str, Any] = {}
+    for name, value in given.items():
+        if name in RENAMED:
+            new = RENAMED[name]
+            if new in given and given[new] != DEFAULTS[new]:
+                raise OptionError(f"{name}= and {new}= are the same option (0.1's name and today's): pass only {new}=")
+            warnings.warn(f"fastntk: {name}= is deprecated, use {new}=", DeprecationWarning, stacklevel=stacklevel + 1)
+            options[new] = value
+        elif name in OPTION_NAMES:
+            options.setdefault(name, value)
+        else:
+            hint = "; to write the kernel to disk block by block use fastntk.gram(..., out=...)" if name in ("out", "resume") else ""
+            raise OptionError(f"unknown option {name!r}: the options are {', '.join((*OPTION_NAMES, *extra))}{hint}")
+    return parse_options(**options)
+
+
 def parse_options(
     *,
     mode: str = "full",
@@ -62,22 +91,12 @@ def parse_options(
     max_memory: int | str = DEFAULT_MAX_MEMORY,
     check: bool = True,
     progress: bool = False,
-    renamed: dict[str, Any] | None = None,
 ) -> Options:
-    """Validate every option; ``renamed`` holds keyword arguments by their 0.1 names.
+    """Validate every option.
 
     Raises:
         OptionError: naming the option, the value given and what to pass instead.
     """
-    for old, value in (renamed or {}).items():
-        if old not in RENAMED:
-            raise OptionError(f"unknown option {old!r}: the options are mode, method, params, dtype, block_size, max_memory, check, progress")
-        new = RENAMED[old]
-        warnings.warn(f"fastntk: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=4)
-        if new == "block_size":
-            block_size = value
-        else:
-            max_memory = value
     resolved = check_mode(mode)
     if not isinstance(method, str) or method not in METHOD_NAMES:
         raise OptionError(f"unknown method {method!r}: use one of {', '.join(map(repr, METHOD_NAMES))}")

@@ -33,9 +33,13 @@ def test_parse_memory_refuses(bad) -> None:
 def test_block_size_fits_and_is_the_largest(n1, n2, factor, inp, pair, memory, sides, rows) -> None:
     footprint = Footprint(factor, sides, inp, pair)
     block = block_size(n1, n2, footprint, memory, min_rows=rows)
-    assert footprint.working(block, block) <= memory
+
+    def working(b: int) -> int:  # a block holds min(b, N1) x min(b, N2) samples
+        return footprint.working(min(b, n1), min(b, n2))
+
+    assert working(block) <= memory
     cap = max(MIN_BLOCK, -(-max(n1, n2) // rows))
-    assert block == min(cap, max(n1, n2)) or footprint.working(block + 1, block + 1) > memory
+    assert block == min(cap, max(n1, n2)) or working(block + 1) > memory
 
 
 def test_block_size_cuts_a_kernel_into_rows() -> None:

@@ -76,20 +76,22 @@ def min_block_rows(partitioned: bool) -> int:
 
 
 def block_size(n1: int, n2: int, footprint: Footprint, budget: int, *, min_rows: int = 1) -> int:
-    """The largest square block whose working set fits ``budget`` bytes, cut to at least
-    ``min_rows`` block rows of at least MIN_BLOCK samples.
+    """The largest block size b whose blocks (min(b, N1) x min(b, N2) samples) fit ``budget``
+    bytes, cut to at least ``min_rows`` block rows of at least MIN_BLOCK samples.
 
     Raises:
         OptionError: not even one sample fits the budget.
     """
-    check_fits(footprint, 1, budget)
-    q = OUTPUT_COPIES * footprint.pair_bytes
-    a = footprint.factor_sides * footprint.factor_bytes + INPUT_COPIES * footprint.input_bytes
-    block = int((-a + math.sqrt(a * a + 4.0 * q * budget)) / (2.0 * q)) if q else budget // max(1, a)
-    while block > 1 and footprint.working(block, block) > budget:
-        block -= 1  # rounding in the square root
+    check_fits(footprint, 1, 1, budget)
     n = max(n1, n2)
-    return max(1, min(block, max(MIN_BLOCK, -(-n // min_rows)), n))
+    low, high = 1, n  # the working set grows with b: the largest that fits, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        if footprint.working(min(middle, n1), min(middle, n2)) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return max(1, min(low, max(MIN_BLOCK, -(-n // min_rows))))
 
 
 @dataclass(frozen=True)
@@ -113,20 +115,29 @@ class Sizing:
 
     def block(self, method: "SizedMethod") -> int:
         """The block size for ``method`` (OptionError when one sample does not fit)."""
-        check_fits(self.footprint(method), 1, self.budget, self.reserved)
+        self.check(method, 1)
         return block_size(self.n1, self.n2, self.footprint(method), self.budget, min_rows=self.min_rows)
+
+    def check(self, method: "SizedMethod", block: int) -> None:
+        """Raise OptionError, naming what is needed, if ``method``'s blocks of ``block`` samples
+        do not fit the budget."""
+        check_fits(self.footprint(method), min(block, self.n1), min(block, self.n2), self.budget, self.reserved, block)
 
     def over(self, method: "SizedMethod") -> str | None:
         """Why ``method`` cannot keep within the budget (None: it can)."""
         try:
-            check_fits(self.footprint(method), 1, self.budget, self.reserved)
+            self.check(method, 1)
         except OptionError as exc:
             return str(exc)
         return None
 
+    def working(self, method: "SizedMethod", block: int) -> int:
+        """Bytes ``method``'s blocks of ``block`` samples need."""
+        return self.footprint(method).working(min(block, self.n1), min(block, self.n2))
+
     def cache_capacity(self, method: "SizedMethod", block: int) -> int:
         """Bytes left beside blocks of ``block`` samples to cache factors for reuse."""
-        return max(0, self.budget - self.footprint(method).working(block, block))
+        return max(0, self.budget - self.working(method, block))
 
 
 class SizedMethod(Protocol):
@@ -140,22 +151,23 @@ class SizedMethod(Protocol):
     def bytes_per_sample(self) -> int: ...
 
 
-def check_fits(footprint: Footprint, block: int, budget: int, reserved: int = 0) -> None:
-    """Raise OptionError, naming what is needed, if blocks of ``block`` samples exceed ``budget``
-    (what ``max_memory`` leaves once ``reserved`` bytes are taken)."""
-    need = footprint.working(block, block)
+def check_fits(footprint: Footprint, rows: int, cols: int, budget: int, reserved: int = 0, block: int | None = None) -> None:
+    """Raise OptionError, naming what is needed, if a block of rows x cols samples exceeds
+    ``budget`` (what ``max_memory`` leaves once ``reserved`` bytes are taken; ``block``: the
+    block size asked for, for the message)."""
+    need = footprint.working(rows, cols)
     if need <= budget:
         return
     total, limit = need + reserved, format_bytes(budget + reserved)
     held = f" beside the {format_bytes(reserved)} result" if reserved else ""
-    if block == 1:
+    if rows == cols == 1:
         raise OptionError(
             f"max_memory={limit} is too small: {footprint.owner} needs {format_bytes(need)} for one sample of each side "
             f"(factors {format_bytes(footprint.factor_sides * footprint.factor_bytes)}){held}; pass max_memory={total} "
             "or more, differentiate fewer parameters (params=), or choose a method that needs less (fastntk.plan lists MiB/sample)"
         )
     raise OptionError(
-        f"blocks of {block} samples need {format_bytes(need)}{held}, more than max_memory={limit}: "
+        f"blocks of {block or max(rows, cols)} samples need {format_bytes(need)}{held}, more than max_memory={limit}: "
         "raise max_memory, or pass a smaller block_size"
     )
 

@@ -49,10 +49,6 @@ class Kernel:
     check: bool = True
     """Refuse a block holding NaN or inf (:class:`NonFiniteError`)."""
 
-    @property
-    def mode(self) -> Mode:
-        return self.method.mode
-
     def unchecked(self) -> "Kernel":
         """The same kernel without the check of each block (the caller checks the result)."""
         return dataclasses.replace(self, check=False)
@@ -223,10 +219,9 @@ def log_done(mine: list[Block], cache: FactorCache, started: float) -> None:
 def one_pair(kernel: Kernel, b: Block, kept: Kept | None) -> torch.Tensor:
     """K(x1, x2) of one block pair: one call of ``left_and_right``, or calibration's factors of x1."""
     method = kernel.method
-    x1, x2 = kernel.rows(b), kernel.cols(b)
     if kept is not None:
-        return method.contracted(kept.factors, method.right(x2))
-    return method.contracted(*method.left_and_right(x1, x2))
+        return method.contracted(kept.factors, method.right(kernel.cols(b)))
+    return method.contracted(*method.left_and_right(kernel.rows(b), kernel.cols(b)))
 
 
 @contextlib.contextmanager

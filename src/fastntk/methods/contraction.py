@@ -16,6 +16,7 @@ import torch
 from .._gemm import mm
 from ..reduction import Mode
 
+
 def flat_jacobian(j: torch.Tensor) -> torch.Tensor:
     """(N, O, *parameter shape) -> (N, O, p), 0-d parameters included."""
     return j.reshape(j.shape[0], j.shape[1], -1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,9 +32,9 @@ from .._api import NTKFunction
 from .._errors import OptionError
 from .._functional import ParamSelection
 from ..reduction import block_shape, transpose_block
-from .._options import parse_options
+from .._options import options_of
 from .._problem import Problem
-from ..blocks.budget import DEFAULT_MAX_MEMORY, Sizing, check_fits, format_bytes
+from ..blocks.budget import DEFAULT_MAX_MEMORY, Sizing, format_bytes
 from ..blocks.engine import place, progress_bar, run
 from ..blocks.schedule import Block, all_blocks, in_bands, split
 from ..methods import KernelMethod
@@ -52,7 +53,7 @@ HASH_CHUNK = 64 * 2**20
 
 def gram(
     model: nn.Module,
-    x1: Any,
+    x1: Any = None,
     x2: Any = None,
     *,
     mode: str = "full",
@@ -69,6 +70,7 @@ def gram(
     select: Select = None,
     durable: bool = True,
     on_block: Callable[[Block], None] | None = None,
+    **renamed: Any,
 ) -> torch.Tensor | np.memmap | None:
     r"""The empirical NTK between two datasets, or the Gram matrix of one, block by block.
 
@@ -150,9 +152,15 @@ def gram(
         >>> fastntk.gram(net, torch.randn(50, 3), mode="trace", block_size=16).shape
         torch.Size([50, 50])
     """
-    options = parse_options(
-        mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check, progress=progress
-    )
+    for old, new in (("data1", "x1"), ("data2", "x2")):  # fastntk 0.1's names of the inputs
+        if old in renamed:
+            warnings.warn(f"fastntk.gram: {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=2)
+            x1, x2 = (renamed.pop(old), x2) if new == "x1" else (x1, renamed.pop(old))
+    if x1 is None:
+        raise OptionError("fastntk.gram needs x1, the samples: a tensor, array, .npy path, Dataset or DataLoader")
+    given = dict(mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check, progress=progress)
+    extra = ("out", "resume", "overwrite", "select", "durable", "on_block")
+    options = options_of({**given, **renamed}, stacklevel=2, extra=extra)
     for name, flag in (("resume", resume), ("overwrite", overwrite), ("durable", durable)):
         if not isinstance(flag, bool):
             raise OptionError(f"{name}={flag!r}: pass True or False")
@@ -226,8 +234,8 @@ def compute(fn: NTKFunction, problem: Problem, group: Group, path: Path | None, 
             f"{layout_of(method)} here): every rank must run the same model and call"
         )
     block = plan["block"]
-    check_fits(sizing.footprint(method), block, working, reserved)
-    need = sizing.footprint(method).working(block, block)
+    sizing.check(method, block)
+    need = sizing.working(method, block)
 
     blocks = all_blocks(problem.n1, problem.n2, block, problem.symmetric)
     remaining = [b for b in blocks if (b.i, b.j) not in done_keys]
@@ -407,7 +415,7 @@ def replan(fn: NTKFunction, problem: Problem, methods: dict[str, KernelMethod], 
     name = stored["method"] if options.method == "auto" else options.method
     method = calibrated(fn, problem, methods, name)
     block = options.block_size or stored["block"]
-    if options.block_size is None and sizing.footprint(method).working(block, block) > sizing.budget:
+    if options.block_size is None and sizing.working(method, block) > sizing.budget:
         block = sizing.block(method)
     return {"method": name, "block": int(block), "layout": layout_of(method)}
 

@@ -259,7 +259,10 @@ class StructuredMethod(KernelMethod):
         bytes_ += jacobian_bytes(self.f, o, fallback_names)
         costs = {group: (kind_of(f), f.pair_flops(self.mode)) for group, f in structured.items()}
         method = StructuredMethod(self.f, self.mode, self.num_outputs, self.layout_of(observed, costs, fallback, bytes_, batched, chain))
-        return method, Kept(factors=method.with_fallback(structured, x)) if keep else None
+        # Kept for the engine's first block, fallback Jacobians added, unless calibration found more
+        # bytes per sample than blocks were sized for: the engine then shrinks them and drops this.
+        within = self.estimate is None or bytes_ <= self.estimate.bytes_per_sample
+        return method, Kept(factors=method.with_fallback(structured, x)) if keep and within else None
 
     def factors_of(
         self, observed: Capture, chunk: int, retain_graph: bool = False, fast: bool = False, chain: bool = False
