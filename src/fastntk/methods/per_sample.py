@@ -35,7 +35,7 @@ def vmap_failure(f: FunctionalModel, x: Batch) -> str | None:
     that is where vmap refuses recurrent layers (no batching rule), ``.item()``, control
     flow on values and in-place writes of batched values into unbatched tensors, whatever
     the batch size (one sample is enough). The reverse pass is not tried: ``torch.func``'s
-    would import ``torch._dynamo`` (most of a second) in every process that costs the
+    would import ``torch._dynamo`` (a noticeable start-up cost) in every process that costs the
     methods; a model whose backward alone cannot be vmapped is found by
     :func:`vmapped_or_looped` on its first block instead. The model already ran on x
     unbatched, so any failure here is vmap's.

@@ -42,7 +42,7 @@ def projected_gradients(f: FunctionalModel, x: Batch, directions: torch.Tensor) 
     with torch.enable_grad():
         outputs = f(primals, x)
         per_direction = [
-            # a scalar objective, not grad_outputs: torch's first grad_outputs import sympy (a few tenths of a second)
+            # a scalar objective, not grad_outputs: torch's first grad_outputs imports sympy (a start-up cost)
             torch.autograd.grad((outputs * direction).sum(), list(primals.values()), retain_graph=c < len(directions) - 1, allow_unused=True)
             for c, direction in enumerate(directions)
         ]
