@@ -318,7 +318,7 @@ def calibrated(fn: NTKFunction, problem: Problem, methods: dict[str, KernelMetho
     whatever the block size (once per call)."""
     if name not in methods:
         sizing = problem.sizing(problem.options.max_memory, partitioned=True)  # unused: the block is given
-        methods[name] = fn._calibrated(problem, fn._bound(name, problem), sizing, keep=False, block=2)[0]
+        methods[name] = fn._calibrated(problem, fn._bound(name, problem), sizing, keep=False, samples=2)[0]
     return methods[name]
 
 
