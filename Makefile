@@ -27,8 +27,9 @@ test: install-test
 
 FUZZ_EXAMPLES ?= 1000
 fuzz: install-test
-	FASTNTK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FASTNTK_FUZZ_COMBOS=$${FASTNTK_FUZZ_COMBOS:-12} FASTNTK_FUZZ_SHRINK=1 HYPOTHESIS_PROFILE=dev \
-		$(BIN)/python -m pytest -p no:cacheprovider tests/fuzz/test_fuzz.py
+	FASTNTK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FASTNTK_FUZZ_THRESHOLD_EXAMPLES=$(FUZZ_EXAMPLES) FASTNTK_FUZZ_COMBOS=$${FASTNTK_FUZZ_COMBOS:-12} \
+		FASTNTK_FUZZ_SHRINK=1 HYPOTHESIS_PROFILE=dev \
+		$(BIN)/python -m pytest -p no:cacheprovider tests/fuzz/test_fuzz.py tests/fuzz/test_fuzz_thresholds.py
 
 bench: install
 	$(BIN)/python bench/run.py

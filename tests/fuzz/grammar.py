@@ -561,6 +561,21 @@ NORMS = ("layernorm", "groupnorm", "batchnorm")
 REUSE = ("again", "tied_linear", "ln_weight", "tied_convT", "tied_out")
 """Ops that reuse an earlier module or weight: drawn half the time when one fits."""
 
+TAIL_ACTIVATIONS = ("tanh", "relu", "gelu", "sigmoid")
+"""Activations of the compact tail of dense specs (see :func:`compact_tail`)."""
+
+
+def compact_tail(spec: Spec) -> bool:
+    """Whether the spec's trunk ends with a dense layer and a supported activation before a
+    dense output layer: then in trace mode the structured method may keep that layer's
+    cotangents compact (``RowsPairFactor``) if the model is a chain."""
+    ops = spec.ops
+    return (
+        len(ops) >= 2 and ops[-2][0] == "linear" and ops[-1][0] == "act" and ops[-1][1] in SUPPORTED_ACTIVATIONS
+        and spec.output in ("linear", "tuple") and spec.inputs == "tensor"
+    )
+
+
 FAMILIES = ("dense", "conv", "sequence", "embedding", "recurrent", "io")
 """Grammar families: each draws its own kinds of trunk ops (``io`` stresses the inputs,
 outputs, frozen parameters and selections around a dense trunk)."""
@@ -577,6 +592,11 @@ def specs(draw: Callable, family: str) -> Spec:
         ops.append(scope.push(("embed", inp[1], draw(st.sampled_from([2, 4, 6])), inp[3])))
     for _ in range(draw(st.integers(1 if family != "io" else 0, 4))):
         ops.append(draw(trunk_op(scope, family)))
+    if family == "dense" and draw(st.integers(0, 2)) == 0:
+        # a dense layer and the chain's last activation before the output layer: in trace mode
+        # the structured method keeps its cotangents compact (RowsPairFactor, chain.compact_uses)
+        ops.append(scope.push(linear_op(draw)))
+        ops.append(scope.push(("act", draw(st.sampled_from(TAIL_ACTIVATIONS)))))
     flat = math.prod(scope.state)
     io = family == "io"
     output = draw(st.sampled_from(

@@ -2,7 +2,8 @@
 
 Hypothesis draws a model spec from a grammar family (:mod:`grammar`), a dtype and a sample
 of the (method, mode, x2, chunk_size) combinations; :mod:`differential` checks each call,
-and one reused ``ntk_fn`` across inputs and a weight update.
+and one reused ``ntk_fn`` across inputs and a weight update. The library's size thresholds,
+which these tiny models never cross, are fuzzed on both sides by ``test_fuzz_thresholds``.
 
 Environment (``make fuzz`` sets the long run):
     FASTNTK_FUZZ_EXAMPLES   examples per family (default 40: the CI budget, about half a minute)
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 
 from conftest import DTYPES
 from differential import ALL_COMBOS, Checker, Combo
-from grammar import FAMILIES, Spec, build, draw_inputs, selection, specs
+from grammar import FAMILIES, Spec, build, compact_tail, draw_inputs, selection, specs
 
 EXAMPLES = int(os.environ.get("FASTNTK_FUZZ_EXAMPLES", "40"))
 FAMILY_SELECTION = [f for f in os.environ.get("FASTNTK_FUZZ_FAMILIES", ",".join(FAMILIES)).split(",") if f]
@@ -47,6 +48,9 @@ def combos() -> st.SearchStrategy[list[Combo]]:
 def check_spec(spec: Spec, dtype: torch.dtype, chosen: list[Combo], reuse: Combo) -> None:
     """Check the spec's model on ``chosen`` and a reused ``ntk_fn`` on ``reuse``; raise the
     first failure, or log them all (FASTNTK_FUZZ_LOG)."""
+    if compact_tail(spec) and not any(c.mode == "trace" and c.method in ("structured", "auto") for c in chosen):
+        # the compact rows of such a tail exist in trace mode only: run it there too
+        chosen = [*chosen, Combo("structured", "trace", spec.seed % 2 == 0, ("default", "1", "2", "N")[spec.seed % 4])]
     model = build(spec, dtype)
     checker = Checker(model, draw_inputs(spec, spec.n1, 1, dtype), draw_inputs(spec, spec.n2, 2, dtype), selection(spec, model))
     for combo in chosen:
