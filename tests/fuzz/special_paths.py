@@ -25,7 +25,6 @@ from types import ModuleType
 from typing import Any, Iterator
 from unittest import mock
 
-import torch
 
 
 def _module(name: str) -> ModuleType | None:
@@ -49,9 +48,9 @@ THRESHOLDS: dict[str, dict[tuple[str, str], int | None]] = {
     "shipped": {},
     # one output per backward pass (CHUNK_BYTES binds; conv blocks above SMALL_PASSES), every
     # conv weight Jacobian by the grouped convolution_backward, every eligible product on oneDNN
-    "low": {("method", "CHUNK_BYTES"): 1, ("method", "SMALL_PASSES"): 0, ("conv", "SMALL_PATCH"): 0, ("gemm", "MIN_FLOPS"): 0},
+    "low": {("method", "CHUNK_BYTES"): 1, ("method", "SMALL_PASSES"): 0, ("conv", "SMALL_PATCH"): 0},
     # every output in one pass, every 1d/2d conv by patches, no product on oneDNN by mm
-    "high": {("method", "CHUNK_BYTES"): 2**40, ("method", "SMALL_PASSES"): 2**62, ("conv", "SMALL_PATCH"): 10**9, ("gemm", "MIN_FLOPS"): 2**62},
+    "high": {("method", "CHUNK_BYTES"): 2**40, ("method", "SMALL_PASSES"): 2**62, ("conv", "SMALL_PATCH"): 10**9},
 }
 """Module constants per threshold setting; a constant the library no longer has is left alone."""
 
@@ -73,7 +72,7 @@ SIDES = {
     "conv weight Jacobian (SMALL_PATCH)": ("conv_patches", "conv_grouped"),
     "CHUNK_BYTES": ("chunk_bound", "chunk_all_outputs"),
     "SMALL_PASSES": ("small_passes_below", "small_passes_above"),
-    "oneDNN mm (MIN_FLOPS)": ("mm_onednn", "mm_small"),
+    "library products (_gemm.mm)": ("mm_onednn", "mm_pytorch"),
 }
 """Each path or threshold and the counters of its two sides (the first: the special path)."""
 
@@ -136,10 +135,8 @@ def counting() -> Iterator[collections.Counter]:
         def eligible(orig: Any) -> Any:
             def run(a: Any, b: Any) -> bool:
                 ok = orig(a, b)
-                if not ok and sys._getframe(1).f_code.co_name == "mm" and all(
-                    t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 for t in (a, b)
-                ):
-                    count["mm_small"] += 1  # inside fast_matmuls, float32 and 2-D, but below MIN_FLOPS
+                if not ok and sys._getframe(1).f_code.co_name == "mm":
+                    count["mm_pytorch"] += 1  # inside fast_matmuls, not float32 2-D on the CPU: PyTorch's product
                 return ok
             return run
 

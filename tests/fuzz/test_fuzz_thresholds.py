@@ -23,6 +23,8 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from fastntk import _gemm
+
 from conftest import DTYPES
 from differential import Checker, Combo, check_model, combos_of
 from grammar import Spec, build, compact_tail, draw_inputs, selection, specs
@@ -96,12 +98,9 @@ def test_outputs_per_pass_on_each_side_of_chunk_bytes_and_small_passes(setting: 
     assert all(count.get(side, 0) > 0 for side in present), count
 
 
-@pytest.mark.parametrize(("setting", "side"), [("low", "mm_onednn"), ("high", "mm_small")])
-def test_library_products_on_each_side_of_min_flops(setting: str, side: str) -> None:
-    gemm = modules()["gemm"]
-    if gemm is None or not gemm.onednn_available():
-        pytest.skip("no oneDNN products in this PyTorch")
-    if side == "mm_small" and not hasattr(gemm, "MIN_FLOPS"):
-        pytest.skip("no MIN_FLOPS: every eligible product goes to oneDNN")
-    count = run(DENSE_TAIL, setting, [Combo(m, mode, False, "default") for m in ("structured", "jacobian") for mode in ("full", "trace")])
+@pytest.mark.skipif(not _gemm.onednn_available(), reason="this PyTorch has no oneDNN linear op (tests/test_torch_private.py covers its fallback)")
+@pytest.mark.parametrize(("dtype", "side"), [(torch.float32, "mm_onednn"), (torch.float64, "mm_pytorch")])
+def test_library_products_on_onednn_and_on_pytorch(dtype: torch.dtype, side: str) -> None:
+    """float32 CPU products of the contractions go to oneDNN, others stay PyTorch's."""
+    count = run(DENSE_TAIL, "shipped", [Combo(m, mode, False, "default") for m in ("structured", "jacobian") for mode in ("full", "trace")], dtype)
     assert count.get(side, 0) > 0, count
