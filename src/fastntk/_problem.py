@@ -12,7 +12,7 @@ from ._functional import FunctionalModel
 from ._inputs import Batch, batch_size, check_finite, leaves
 from .reduction import block_shape
 from ._options import Options
-from .blocks.budget import Sizing, min_block_rows
+from .blocks.budget import Sizing, block_cut
 from .blocks.engine import Kernel
 from .methods.base import KernelMethod
 from .sources import Source
@@ -68,8 +68,8 @@ class Problem:
         """How blocks of this kernel are sized within ``budget`` bytes (``partitioned``: blocks
         are units of work shared between ranks or written to disk; ``reserved``: bytes of
         max_memory already taken, e.g. by the result)."""
-        rows = min_block_rows(partitioned)
-        return Sizing(self.n1, self.n2, self.symmetric, self.input_bytes, self.pair_bytes, budget, rows, reserved)
+        rows, smallest = block_cut(self.symmetric, partitioned)
+        return Sizing(self.n1, self.n2, self.symmetric, self.input_bytes, self.pair_bytes, budget, rows, smallest, reserved)
 
     def load(self, side: int, start: int, stop: int) -> Batch:
         """Samples start:stop of x1 (side 1) or x2 (side 2) on the model's device, floating ones in

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastntk import OptionError
-from fastntk.blocks.budget import MIN_BLOCK, Footprint, block_size, min_block_rows, parse_memory
+from fastntk.blocks.budget import GRAM_HALVES_MIN, MIN_BLOCK, Footprint, block_cut, block_size, parse_memory
 
 
 @pytest.mark.parametrize("text, value", [
@@ -38,15 +38,24 @@ def test_block_size_fits_and_is_the_largest(n1, n2, factor, inp, pair, memory, s
         return footprint.working(min(b, n1), min(b, n2))
 
     assert working(block) <= memory
-    cap = max(MIN_BLOCK, -(-max(n1, n2) // rows))
-    assert block == min(cap, max(n1, n2)) or working(block + 1) > memory
+    n = max(n1, n2)
+    cap = -(-n // max(1, min(rows, n // MIN_BLOCK)))  # rows of at least MIN_BLOCK samples, evenly
+    assert block == cap or working(block + 1) > memory
 
 
 def test_block_size_cuts_a_kernel_into_rows() -> None:
     footprint = Footprint(10, 2, 10, 4)
-    assert block_size(600, 600, footprint, 10**9, min_rows=min_block_rows(partitioned=True)) == 75  # 8 block rows
-    assert block_size(600, 500, footprint, 10**9, min_rows=min_block_rows(partitioned=False)) == 600  # one block
-    assert block_size(100, 100, footprint, 10**9, min_rows=8) == 64  # not below 64 samples
+    def cut(n1: int, n2: int, symmetric: bool, partitioned: bool) -> int:
+        rows, smallest = block_cut(symmetric, partitioned)
+        return block_size(n1, n2, footprint, 10**9, min_rows=rows, min_block=smallest)
+
+    assert cut(600, 600, True, partitioned=True) == 75  # 8 block rows
+    assert cut(600, 500, False, partitioned=True) == 75
+    assert cut(600, 600, True, partitioned=False) == 300  # a Gram matrix in memory: two halves
+    assert cut(2 * GRAM_HALVES_MIN - 1, 2 * GRAM_HALVES_MIN - 1, True, partitioned=False) == 2 * GRAM_HALVES_MIN - 1  # halves too small
+    assert cut(100, 100, True, partitioned=True) == 100  # not one row of 64 and one of 36
+    assert cut(600, 500, False, partitioned=False) == 600  # K(x1, x2) in memory: one block
+    assert block_size(600, 600, footprint, 10**9, min_rows=8, min_block=100) == 100  # not below 100 samples: 6 rows
 
 
 def test_block_size_refuses_a_budget_below_one_sample() -> None:

@@ -41,6 +41,7 @@ def modules() -> dict[str, ModuleType | None]:
         "conv": _module("fastntk.methods.structured.rules.conv"),
         "factors": _module("fastntk.methods.structured.factors"),
         "gemm": _module("fastntk._gemm"),
+        "budget": _module("fastntk.blocks.budget"),
     }
 
 
@@ -48,9 +49,9 @@ THRESHOLDS: dict[str, dict[tuple[str, str], int | None]] = {
     "shipped": {},
     # one output per backward pass (CHUNK_BYTES binds; conv blocks above SMALL_PASSES), every
     # conv weight Jacobian by the grouped convolution_backward, every eligible product on oneDNN
-    "low": {("method", "CHUNK_BYTES"): 1, ("method", "SMALL_PASSES"): 0, ("conv", "SMALL_PATCH"): 0},
+    "low": {("method", "CHUNK_BYTES"): 1, ("method", "SMALL_PASSES"): 0, ("conv", "SMALL_PATCH"): 0, ("budget", "GRAM_HALVES_MIN"): 1},
     # every output in one pass, every 1d/2d conv by patches, no product on oneDNN by mm
-    "high": {("method", "CHUNK_BYTES"): 2**40, ("method", "SMALL_PASSES"): 2**62, ("conv", "SMALL_PATCH"): 10**9},
+    "high": {("method", "CHUNK_BYTES"): 2**40, ("method", "SMALL_PASSES"): 2**62, ("conv", "SMALL_PATCH"): 10**9, ("budget", "GRAM_HALVES_MIN"): 10**9},
 }
 """Module constants per threshold setting; a constant the library no longer has is left alone."""
 

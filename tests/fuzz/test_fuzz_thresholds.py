@@ -104,3 +104,16 @@ def test_library_products_on_onednn_and_on_pytorch(dtype: torch.dtype, side: str
     """float32 CPU products of the contractions go to oneDNN, others stay PyTorch's."""
     count = run(DENSE_TAIL, "shipped", [Combo(m, mode, False, "default") for m in ("structured", "jacobian") for mode in ("full", "trace")], dtype)
     assert count.get(side, 0) > 0, count
+
+
+@pytest.mark.parametrize(("setting", "blocks"), [("low", 3), ("high", 1)])
+def test_gram_in_memory_on_each_side_of_gram_halves_min(setting: str, blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below GRAM_HALVES_MIN a Gram matrix in memory is one block; at or above it, two halves
+    (3 blocks computed, the fourth mirrored); the oracle checks both."""
+    from fastntk import _api
+
+    seen: list[int] = []
+    original = _api.run
+    monkeypatch.setattr(_api, "run", lambda kernel, mine, *args, **kwargs: seen.append(len(mine)) or original(kernel, mine, *args, **kwargs))
+    run(DENSE_TAIL, setting, [Combo(m, mode, True, "default") for m in ("structured", "jacobian") for mode in ("full", "trace")])
+    assert seen and set(seen) == {blocks}, seen

@@ -39,8 +39,13 @@ INPUT_COPIES = 4
 DEFAULT_MAX_MEMORY = "4GB"
 
 MIN_BLOCK = 64
-"""Blocks are not cut below this many samples to make more block rows (only the budget cuts them
-further): smaller blocks would run shorter GEMMs and more passes for little gain."""
+"""Blocks of a kernel on disk or over ranks are not cut below this many samples to make more
+block rows (only the budget cuts them further): shorter GEMMs and more passes gain nothing."""
+
+GRAM_HALVES_MIN = 128
+"""A Gram matrix in memory is cut into two block rows (3 of its 4 blocks computed, the fourth
+mirrored) when each half keeps at least this many samples; smaller halves run GEMMs too short
+to gain (``docs/special-paths.md``)."""
 
 
 @dataclass(frozen=True)
@@ -62,22 +67,25 @@ class Footprint:
         return factors * self.factor_bytes + INPUT_COPIES * max(rows, cols) * self.input_bytes + OUTPUT_COPIES * rows * cols * self.pair_bytes
 
 
-def min_block_rows(partitioned: bool) -> int:
-    """How many block rows a kernel is cut into at least (blocks not below MIN_BLOCK samples).
+def block_cut(symmetric: bool, partitioned: bool) -> tuple[int, int]:
+    """How many block rows a kernel is cut into at least, and the fewest samples a block keeps
+    when it is cut for that (fewer rows when N is small; the budget alone may cut blocks further).
 
-    8 when its blocks are units of work that must be shared or survive a crash (a kernel written
-    to disk, or computed by several ranks): a Gram matrix then skips almost half its blocks, and
-    ranks get several each; it does not depend on the number of ranks, so any number gives the
-    same bits. In memory on one rank, 1: the largest blocks the budget allows (cutting a Gram
-    matrix into rows to skip its mirrored blocks was measured to gain nothing: shorter GEMMs
-    and more passes cost what the skipped blocks save; ``docs/special-paths.md``).
+    8 rows of at least MIN_BLOCK samples when blocks are units of work that must be shared or
+    survive a crash (a kernel written to disk, or computed by several ranks): a Gram matrix then
+    skips almost half its blocks, and ranks get several each; it does not depend on the number
+    of ranks, so any number gives the same bits. In memory on one rank, a Gram matrix in two
+    halves of at least GRAM_HALVES_MIN samples (its mirrored block skipped), anything else in
+    the largest blocks the budget allows.
     """
-    return 8 if partitioned else 1
+    if partitioned:
+        return 8, MIN_BLOCK
+    return (2, GRAM_HALVES_MIN) if symmetric else (1, 1)
 
 
-def block_size(n1: int, n2: int, footprint: Footprint, budget: int, *, min_rows: int = 1) -> int:
+def block_size(n1: int, n2: int, footprint: Footprint, budget: int, *, min_rows: int = 1, min_block: int = MIN_BLOCK) -> int:
     """The largest block size b whose blocks (min(b, N1) x min(b, N2) samples) fit ``budget``
-    bytes, cut to at least ``min_rows`` block rows of at least MIN_BLOCK samples.
+    bytes, and cut evenly into ``min_rows`` block rows, or as many as keep ``min_block`` samples each.
 
     Raises:
         OptionError: not even one sample fits the budget.
@@ -91,7 +99,8 @@ def block_size(n1: int, n2: int, footprint: Footprint, budget: int, *, min_rows:
             low = middle
         else:
             high = middle - 1
-    return max(1, min(low, max(MIN_BLOCK, -(-n // min_rows))))
+    rows = max(1, min(min_rows, n // max(1, min_block)))
+    return max(1, min(low, -(-n // rows)))
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ class Sizing:
     budget: int
     """Bytes for blocks: ``max_memory``, less the result when it is held in memory."""
     min_rows: int = 1
+    min_block: int = 1
     reserved: int = 0
     """Bytes of ``max_memory`` taken before blocks (the result held in memory), for messages."""
 
@@ -116,7 +126,7 @@ class Sizing:
     def block(self, method: "SizedMethod") -> int:
         """The block size for ``method`` (OptionError when one sample does not fit)."""
         self.check(method, 1)
-        return block_size(self.n1, self.n2, self.footprint(method), self.budget, min_rows=self.min_rows)
+        return block_size(self.n1, self.n2, self.footprint(method), self.budget, min_rows=self.min_rows, min_block=self.min_block)
 
     def check(self, method: "SizedMethod", block: int) -> None:
         """Raise OptionError, naming what is needed, if ``method``'s blocks of ``block`` samples
