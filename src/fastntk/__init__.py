@@ -5,10 +5,12 @@
     gram(model, x1, x2=None, *, out=None, ...)         the same for datasets: on disk, resumable, over ranks
     plan(model, x1, x2=None, ...)                      what each method would cost, and the choice
     reference_ntk(model, x1, x2=None, ...)             the brute-force float64 kernel, to check against
+    predict.kernel_ridge / gradient_descent_mse / gp_inference / max_learning_rate   using a kernel
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
+from . import predict
 from ._heap import keep_freed_memory
 from .blocks.schedule import Block
 from .plan import Plan
@@ -24,6 +26,7 @@ __all__ = [
     "gram",
     "plan",
     "Plan",
+    "predict",
     "Block",
     "reference_ntk",
     "keep_freed_memory",
