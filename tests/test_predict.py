@@ -165,7 +165,8 @@ def test_the_guide_example_runs() -> None:
     from pathlib import Path
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "predict.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", page, re.S)
     namespace: dict = {}
-    exec(compile(code, "predict.md", "exec"), namespace)  # noqa: S102
+    for code in re.findall(r"```python\n(.*?)```", page, re.S):  # the examples build on each other
+        exec(compile(code, "predict.md", "exec"), namespace)  # noqa: S102
     assert namespace["f_test"].shape == (5, 3) and namespace["mean"].shape == (5, 3)
+    assert isinstance(namespace["lin"], fastntk.Linearized)

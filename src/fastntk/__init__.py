@@ -6,6 +6,7 @@
     plan(model, x1, x2=None, ...)                      what each method would cost, and the choice
     reference_ntk(model, x1, x2=None, ...)             the brute-force float64 kernel, to check against
     predict.kernel_ridge / gradient_descent_mse / gp_inference / max_learning_rate   using a kernel
+    linearize(model)                                   f(θ0, x) + J(θ0, x)(θ − θ0) as a trainable module
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
@@ -13,6 +14,7 @@ from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, Optio
 from . import predict
 from ._heap import keep_freed_memory
 from .blocks.schedule import Block
+from .linearize import Linearized, linearize
 from .plan import Plan
 from .reference import reference_ntk
 from .scale import LockedError, ResumeError, gram
@@ -27,6 +29,8 @@ __all__ = [
     "plan",
     "Plan",
     "predict",
+    "linearize",
+    "Linearized",
     "Block",
     "reference_ntk",
     "keep_freed_memory",
