@@ -169,4 +169,4 @@ def test_the_guide_example_runs() -> None:
     for code in re.findall(r"```python\n(.*?)```", page, re.S):  # the examples build on each other
         exec(compile(code, "predict.md", "exec"), namespace)  # noqa: S102
     assert namespace["f_test"].shape == (5, 3) and namespace["mean"].shape == (5, 3)
-    assert isinstance(namespace["lin"], fastntk.Linearized)
+    assert isinstance(namespace["lin"], fastntk.Linearized) and namespace["variances"].shape == (5,)

@@ -7,6 +7,7 @@
     reference_ntk(model, x1, x2=None, ...)             the brute-force float64 kernel, to check against
     predict.kernel_ridge / gradient_descent_mse / gp_inference / max_learning_rate   using a kernel
     linearize(model)                                   f(θ0, x) + J(θ0, x)(θ − θ0) as a trainable module
+    self_ntk(model, x, *, mode="full", ...)            K(x_i, x_i) for each sample alone
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
@@ -17,6 +18,7 @@ from .blocks.schedule import Block
 from .linearize import Linearized, linearize
 from .plan import Plan
 from .reference import reference_ntk
+from .self_kernel import self_ntk
 from .scale import LockedError, ResumeError, gram
 
 from ._version import __version__
@@ -30,6 +32,7 @@ __all__ = [
     "Plan",
     "predict",
     "linearize",
+    "self_ntk",
     "Linearized",
     "Block",
     "reference_ntk",
