@@ -41,8 +41,12 @@ def self_ntk(
         model: any ``nn.Module``, as for :func:`fastntk.ntk`.
         x: N samples, in any form :func:`fastntk.ntk` takes.
         mode: "full" -> (N, O, O); "trace" -> (N,); "diagonal" -> (N, O); "trace_mean" -> (N,).
-        params, dtype, block_size, max_memory, check: as for :func:`fastntk.ntk` (blocks of
-            samples hold their per-sample Jacobians, O·P numbers each).
+        params: as for :func:`fastntk.ntk`.
+        dtype: as for :func:`fastntk.ntk`.
+        block_size: samples per block (each holds its per-sample Jacobians, O·P numbers);
+            default: as many as ``max_memory`` holds.
+        max_memory: as for :func:`fastntk.ntk`.
+        check: as for :func:`fastntk.ntk`.
 
     Returns:
         The self-kernels, on the model's device, in its dtype (or ``dtype``).
