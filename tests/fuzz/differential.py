@@ -153,12 +153,18 @@ class Checker:
             self.rounding_errors[gram] = (own.double() - self.reference(gram).double()).abs() * scale
         return self.rounding_errors[gram]
 
-    def assert_close(self, kernel: torch.Tensor, mode: str, gram: bool, swapped: bool = False) -> None:
+    def assert_close(self, kernel: torch.Tensor, mode: str, gram: bool, swapped: bool = False, samples_diagonal: bool = False) -> None:
         """The kernel within the dtype's tolerance of the float64 reference (:func:`assert_kernel_close`),
         or within ROUNDING_FACTOR times what the model's own rounding moves it (see
-        :meth:`rounding`). ``swapped``: the kernel is K(x2, x1)."""
+        :meth:`rounding`). ``swapped``: the kernel is K(x2, x1); ``samples_diagonal``: it is
+        K(x_i, x_i) for each i (:func:`fastntk.self_ntk`), the Gram matrix's diagonal."""
         def swap(full: torch.Tensor) -> torch.Tensor:
+            if samples_diagonal:
+                return torch.stack([full[i, i] for i in range(full.shape[0])])[:, None]  # (N, 1, O, O)
             return full.permute(1, 0, 3, 2) if swapped else full
+
+        if samples_diagonal:
+            kernel = kernel.reshape(kernel.shape[0], 1, *kernel.shape[1:])
 
         expected = reduce_full(swap(self.reference(gram)), mode)
         try:
@@ -241,6 +247,18 @@ class Checker:
             self.compare_reuse(combo, "x1, x2 after a weight update", fn(self.x1, self.x2), gram=False)
         except Exception as exc:  # noqa: BLE001 - the single call computed it, so any error is a failure
             self.fail(StaleReuse, combo, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+
+    def check_self(self, combo: Combo) -> None:
+        """fastntk.self_ntk on x1 against the reference Gram matrix's diagonal, in the combo's mode
+        and block size, wherever the Jacobian method computes that Gram matrix."""
+        if not self.computes(Combo("jacobian", combo.mode, True, combo.chunk)):
+            return
+        try:
+            kernel = fastntk.self_ntk(self.model, self.x1, mode=combo.mode, params=self.params, block_size=combo.block_size(self.n1))
+            self.assert_close(kernel, combo.mode, gram=True, samples_diagonal=True)
+        except Exception as exc:  # noqa: BLE001 - the Gram matrix was computed, so any error is a failure
+            self.fail(WrongKernel if isinstance(exc, AssertionError) else Crash, Combo("self_ntk", combo.mode, True, combo.chunk),
+                      f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
 
     def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, gram: bool, swapped: bool = False) -> None:
         try:

@@ -55,6 +55,7 @@ def check_spec(spec: Spec, dtype: torch.dtype, chosen: list[Combo], reuse: Combo
     checker = Checker(model, draw_inputs(spec, spec.n1, 1, dtype), draw_inputs(spec, spec.n2, 2, dtype), selection(spec, model))
     for combo in chosen:
         checker.check(combo)
+    checker.check_self(reuse)  # fastntk.self_ntk: the Gram matrix's diagonal, in the reused combo's mode and block size
     checker.check_reuse(reuse)
     if not LOG:
         checker.raise_first()

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastntk
+
 from differential import check_model, combos_of
 
 F64 = torch.float64
@@ -184,3 +186,21 @@ def test_float32_rounding_of_an_ill_conditioned_model_is_not_a_wrong_kernel() ->
     off = reference + 2 * ROUNDING_FACTOR * checker.rounding(True).max() + 1e-3 * reference.abs().max()
     with pytest.raises(AssertionError):
         checker.assert_close(off.float(), "full", gram=True)
+
+
+def test_the_fuzzers_self_kernel_check_catches_a_wrong_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_self compares fastntk.self_ntk with the reference Gram's diagonal: right passes, doubled fails."""
+    from differential import Checker, Combo
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    for mode in ("full", "trace", "diagonal"):  # the fuzzer's modes (trace_mean is trace / O)
+        checker = Checker(model, x1, x2)
+        checker.check_self(Combo("structured", mode, False, "2"))
+        assert not checker.failures, checker.failures
+    right = fastntk.self_ntk
+    monkeypatch.setattr(fastntk, "self_ntk", lambda *args, **kwargs: 2 * right(*args, **kwargs))
+    checker = Checker(model, x1, x2)
+    checker.check_self(Combo("structured", "trace", False, "default"))
+    assert [kind.__name__ for kind, _, _ in checker.failures] == ["WrongKernel"]
