@@ -35,7 +35,8 @@ PROBE = 3
 """Samples the model is probed on for batch dependence and randomness."""
 
 Kind = tuple[BatchSpec, tuple[bool, ...]]
-"""What an NTKFunction's caches are keyed by (:meth:`NTKFunction._kind`)."""
+"""What an NTKFunction's caches are keyed by: the kind of input, and the modules' train/eval
+flags (``Problem.kind``, set once per call)."""
 
 
 class NTKFunction:
@@ -99,7 +100,8 @@ class NTKFunction:
         spec = describe(problem.probe1, "x1")
         if problem.probe2 is not None:
             check_compatible(spec, describe(problem.probe2, "x2"))
-        kind = self._kind(problem)
+        # the caches' key, once per call: the kind of input and the train/eval flags (a forward may branch on them)
+        kind = problem.kind = describe(problem.probe1, "x1"), tuple(m.training for m in model.modules())
         if options.check:  # before any work: every method refuses the same way
             for source in (s1, s2):
                 if in_memory(source):
@@ -117,14 +119,9 @@ class NTKFunction:
         problem.num_outputs = self._probed[kind][0]
         return problem
 
-    def _kind(self, problem: Problem) -> Kind:
-        """What the caches are keyed by: the kind of input, and the modules' train/eval flags
-        (a forward may branch on them)."""
-        return describe(problem.probe1, "x1"), tuple(m.training for m in self._model.modules())
-
     def _plan(self, problem: Problem, sizing: Sizing) -> tuple[Plan, dict[str, KernelMethod]]:
         """The cost of every method on this problem, and the methods it costed."""
-        kind, f = self._kind(problem), problem.f
+        kind, f = problem.kind, problem.f
         if kind not in self._batchable:  # the costs differ when the Jacobians must be looped
             self._batchable[kind] = vmap_failure(f, take(problem.probe1, 0, 1)) is None
         f.batchable = self._batchable[kind]
@@ -142,7 +139,7 @@ class NTKFunction:
 
     def _bound(self, name: str, problem: Problem) -> KernelMethod:
         """Method ``name`` bound to the problem, with what an earlier call on such inputs learned."""
-        calibration = self._calibrations.get((self._kind(problem), name))
+        calibration = self._calibrations.get((problem.kind, name))
         return METHODS[name](problem.f, problem.options.mode, problem.num_outputs, calibration)
 
     def _choose(self, problem: Problem, sizing: Sizing) -> KernelMethod:
@@ -151,7 +148,7 @@ class NTKFunction:
         name = self._options.method
         if name != "auto":
             return self._bound(name, problem)
-        key = (self._kind(problem), problem.n1, None if problem.symmetric else problem.n2)
+        key = (problem.kind, problem.n1, None if problem.symmetric else problem.n2)
         if key in self._choices:
             return self._bound(self._choices[key], problem)
         plan, methods = self._plan(problem, sizing)
@@ -174,7 +171,7 @@ class NTKFunction:
             with kernel_context():
                 method, kept, calibrated_block = calibrate_on_first_block(method, problem.load, problem.n1, n2, samples or block, sizing.block, keep=keep)
             block = block if samples else calibrated_block
-            self._calibrations[(self._kind(problem), method.name)] = method.calibration
+            self._calibrations[(problem.kind, method.name)] = method.calibration
         return method, kept, block or sizing.block(method)
 
     def _in_memory_sizing(self, problem: Problem) -> Sizing:
@@ -202,7 +199,7 @@ class NTKFunction:
                 kernel.unchecked(), blocks, block, sizing.cache_capacity(method, block),
                 lambda b, value: place(result, b, value, problem.symmetric, mode), kept=kept, bar=bar, on_block=on_block,
             )
-        self._batchable[self._kind(problem)] = problem.f.batchable  # False once vmap failed on these inputs: later calls loop at once
+        self._batchable[problem.kind] = problem.f.batchable  # False once vmap failed on these inputs: later calls loop at once
         if self._options.check and not all_finite(result):  # the whole kernel first: nothing computed is lost
             try:
                 raise_non_finite(Block(0, 0, (0, problem.n1), (0, problem.n2)), result, problem.symmetric)

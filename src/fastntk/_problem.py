@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ class Problem:
     probe1: Batch
     probe2: Batch | None
     options: Options
+    kind: Hashable = None
+    """What caches of the set-up are keyed by (set by :meth:`fastntk.NTKFunction._problem`)."""
 
     @property
     def symmetric(self) -> bool:
@@ -87,7 +90,7 @@ class Problem:
             return out.copy_(t)
 
         x = pytree.tree_map(fresh, source.take(start, stop))
-        if self.options.check:
+        if self.options.check:  # after the cast too: a float64 value can overflow float32
             check_finite(x, source.name, first=start)
         return x
 
