@@ -38,6 +38,18 @@ def normal(*shape: int) -> Callable[[int, torch.Generator], torch.Tensor]:
     return lambda n, g: torch.randn(n, *shape, generator=g)
 
 
+class ScalesItsInput(nn.Module):
+    """Writes to its input in place (refused by every method, the caller's tensors left alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return self.lin(x)
+
+
 class Residual(nn.Module):
     def __init__(self, channels: int = 3) -> None:
         super().__init__()

@@ -13,6 +13,7 @@ from torch import nn
 
 import fastntk
 from fastntk.blocks.budget import INPUT_COPIES, OUTPUT_COPIES
+from cases import ScalesItsInput
 from conftest import RTOL64, assert_rel_close
 
 # Tolerance of float64 results that must agree up to rounding (exact algebra, different summation order).
@@ -369,16 +370,6 @@ def test_refused_custom_model_is_not_modified_and_keeps_its_grads() -> None:
 
 
 # --------------------------------------------------------------------------- inputs written to
-
-
-class ScalesItsInput(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x.mul_(2)
-        return self.lin(x)
 
 
 @pytest.mark.parametrize("method", ["jacobian", "vp", "structured", "auto"])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastntk
-from cases import CASES_BY_NAME
+from cases import CASES_BY_NAME, ScalesItsInput
 from conftest import assert_kernel_close, reduce_full, reference_full
 from fastntk import _gemm
 from fastntk import _torch_private as tp
@@ -108,16 +108,6 @@ class WritesOverALayersOutput(nn.Module):
         y.mul_(2)
         y.add_(x[:, :1])
         return self.head(torch.tanh(y))
-
-
-class ScalesItsInput(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x.mul_(2)
-        return self.lin(x)
 
 
 @pytest.mark.parametrize("counters", [True, False], ids=["counters", "no-counters"])

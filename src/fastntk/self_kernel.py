@@ -12,7 +12,7 @@ from ._errors import NonFiniteError, OptionError
 from ._functional import ParamSelection
 from ._inputs import all_finite
 from ._options import options_of
-from .blocks.budget import DEFAULT_MAX_MEMORY, INPUT_COPIES, format_bytes
+from .blocks.budget import DEFAULT_MAX_MEMORY, INPUT_COPIES, OUTPUT_COPIES, format_bytes
 from .blocks.engine import kernel_context
 from .methods.contraction import flat_jacobian
 from .methods.jacobian import JacobianMethod
@@ -64,7 +64,7 @@ def self_ntk(
     method = JacobianMethod(f, "full", o)
     shape = {"full": (n, o, o), "diagonal": (n, o), "trace": (n,)}[options.mode]
     result_bytes = f.dtype.itemsize * int(torch.Size(shape).numel())
-    per_sample = method.bytes_per_sample() + INPUT_COPIES * problem.input_bytes + 4 * f.dtype.itemsize * o * o
+    per_sample = method.bytes_per_sample() + INPUT_COPIES * problem.input_bytes + OUTPUT_COPIES * f.dtype.itemsize * o * o
     room = options.max_memory - result_bytes
     if room < per_sample:
         raise OptionError(

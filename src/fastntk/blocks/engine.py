@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .._errors import NonFiniteError
 from .._inputs import Batch, all_finite, batch_size, concat
+from .._process import quiet_fallbacks
 from ..reduction import Mode, mean_over_outputs, transpose_block
 from ..methods.base import KernelMethod, Kept
 from .schedule import Block, FactorCache, ranges
@@ -230,8 +231,6 @@ def kernel_context() -> Iterator[None]:
     drop" warnings for ops without a batching rule silenced in this thread (they repeat on every
     call and format source lines each time; the cost model and the methods already account for
     such ops; :func:`fastntk._process.quiet_fallbacks`). Nothing outlives the block."""
-    from .._process import quiet_fallbacks
-
     with torch.no_grad(), quiet_fallbacks():
         yield
 
