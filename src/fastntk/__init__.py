@@ -12,7 +12,7 @@
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
-from . import predict
+from . import analysis, predict
 from ._heap import keep_freed_memory
 from .blocks.schedule import Block
 from .linearize import Linearized, linearize
@@ -31,6 +31,7 @@ __all__ = [
     "plan",
     "Plan",
     "predict",
+    "analysis",
     "linearize",
     "self_ntk",
     "Linearized",
