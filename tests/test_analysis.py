@@ -1,8 +1,18 @@
+"""fastntk.analysis against hand-computed cases and direct float64 formulas; fastntk.plots rendered to PNG files."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from fastntk import analysis
+import fastntk
+from fastntk import analysis, layout, plots, predict
+from conftest import rtol
 
 
 def test_kernel_distance_hand_cases():
@@ -19,14 +29,6 @@ def test_kernel_distance_refuses_mismatched_shapes():
 
 
 # ---------------------------------------------------------------------------- spectra and ranks
-
-import math
-import subprocess
-import sys
-
-import fastntk
-from fastntk import layout, plots, predict
-from tests.conftest import rtol
 
 TOL = rtol(torch.float64)
 

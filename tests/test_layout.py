@@ -11,7 +11,7 @@ from torch import nn
 
 import fastntk
 from fastntk import layout, predict
-from tests.conftest import rtol
+from conftest import rtol
 
 
 def random_full(n1: int, n2: int, o: int, seed: int = 0) -> torch.Tensor:
