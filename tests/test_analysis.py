@@ -213,3 +213,21 @@ def test_importing_the_library_imports_no_optional_dependency() -> None:
              "print(sorted(m for m in ('matplotlib', 'sklearn', 'scipy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_the_guide_examples_run(tmp_path, monkeypatch) -> None:
+    """The examples of docs/guide/analysis.md, as written (they build on each other)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "analysis.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the examples write PNG files to the current directory
+    namespace: dict = {}
+    with torch.random.fork_rng():
+        for code in re.findall(r"```python\n(.*?)```", page, re.S):
+            exec(compile(code, "analysis.md", "exec"), namespace)  # noqa: S102
+    for name in ("kernel.png", "spectrum.png", "training.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    assert namespace["values"].shape == (90,) and len(namespace["distance"]) == 4
+    assert namespace["distance"][0] == 0.0 and namespace["distance"][-1] > 0
+    assert namespace["predicted"].shape == (5, 3) and namespace["nt_image"].shape == (2, 2, 2, 2, 2, 2)
