@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +29,10 @@ BENCH = Path(__file__).resolve().parent
 
 
 def theirs(path: Path) -> None:
-    sys.modules.setdefault("neural_tangents.experimental", types.ModuleType("neural_tangents.experimental"))
-    import scipy.linalg
+    from predict_crosscheck import import_neural_tangents
 
-    for name in ("tril", "triu"):  # gone from scipy >= 1.13; jax 0.4.23's jax.scipy.linalg still wraps them
-        if not hasattr(scipy.linalg, name):
-            setattr(scipy.linalg, name, getattr(np, name))
+    nt = import_neural_tangents()
     import jax
-
-    jax.config.update("jax_enable_x64", True)
-    import neural_tangents as nt
     from jax.flatten_util import ravel_pytree
     from neural_tangents import stax
 
