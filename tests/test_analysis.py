@@ -137,7 +137,7 @@ def test_summary_is_the_functions(tmp_path) -> None:
     assert s.alignment == analysis.alignment(k, y) and s.centered_alignment == analysis.centered_alignment(k, y)
     traced = analysis.summary(gram(4), None)
     assert traced.mode == "traced" and traced.alignment is None and traced.centered_alignment is None
-    assert analysis.summary(gram(4), torch.ones(4)).centered_alignment is None  # constant targets
+    assert analysis.summary(gram(4), torch.full((4,), 0.1)).centered_alignment is None  # constant targets
 
 
 def test_refusals_say_what_is_wrong() -> None:
@@ -161,8 +161,10 @@ def test_refusals_say_what_is_wrong() -> None:
         analysis.alignment(gram(2, 2), torch.ones(2, 3))
     with pytest.raises(fastntk.InputError, match="zero"):
         analysis.alignment(torch.eye(2), torch.zeros(2))
-    with pytest.raises(fastntk.InputError, match="centred"):
-        analysis.centered_alignment(torch.eye(2), torch.ones(2))
+    with pytest.raises(fastntk.InputError, match="the same for every sample"):
+        analysis.centered_alignment(torch.eye(3), torch.full((3, 2), 0.1))  # the mean of 0.1s rounds: still refused
+    with pytest.raises(fastntk.InputError, match="centred kernel is zero"):
+        analysis.centered_alignment(torch.ones(3, 3), torch.tensor([1.0, 2.0, 3.0]))
     with pytest.raises(fastntk.NonFiniteError):
         analysis.eigenvalues(torch.full((2, 2), float("nan")))
 

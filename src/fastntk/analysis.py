@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import layout
@@ -144,24 +145,24 @@ def effective_rank(kernel: Array, *, definition: str = "entropy") -> float:
     return _effective_rank(_psd(eigenvalues(kernel)), definition)
 
 
-def _target_matrix(targets: Array, outputs: int | None, n: int) -> torch.Tensor:
-    """The target kernel, yyᵀ (N·O, N·O) for a full kernel or Y Yᵀ (N, N) for a traced one."""
+def _targets(targets: Array, outputs: int | None, n: int) -> torch.Tensor:
+    """The factor Y of the target kernel Y Yᵀ: vec(Y) as (N·O, 1) for a full kernel, (N, C) for a traced one."""
     y = _tensor(targets, "targets")
     if y.dim() not in (1, 2) or y.shape[0] != n:
         raise InputError(f"targets have shape {tuple(y.shape)}: give (N,) or (N, O) with N = {n}, the kernel's samples, in its order")
     if outputs is not None:
         if y.dim() == 1 and outputs != 1 or y.dim() == 2 and y.shape[1] != outputs:
             raise InputError(f"targets have shape {tuple(y.shape)}: a full kernel of O = {outputs} outputs needs targets ({n}, {outputs})")
-        y = layout.to_vector(y)
-    y = y.reshape(y.shape[0], -1)
-    return y @ y.T
+        return layout.to_vector(y)[:, None]
+    return y.reshape(n, -1)
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
-    norms = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+def _aligned(matrix: torch.Tensor, y: torch.Tensor, what: str) -> float:
+    """⟨K, Y Yᵀ⟩_F / (‖K‖_F ‖Y Yᵀ‖_F) = tr(Yᵀ K Y) / (‖K‖_F ‖Yᵀ Y‖_F), never forming Y Yᵀ."""
+    norms = torch.linalg.vector_norm(matrix) * torch.linalg.vector_norm(y.T @ y)
     if norms == 0:
         raise InputError(f"{what} is zero: its alignment is undefined")
-    return float((a * b).sum() / norms)
+    return float((y * (matrix @ y)).sum() / norms)
 
 
 def _centre(matrix: torch.Tensor, outputs: int | None) -> torch.Tensor:
@@ -172,6 +173,17 @@ def _centre(matrix: torch.Tensor, outputs: int | None) -> torch.Tensor:
     k = k - k.mean(dim=0, keepdim=True)
     k = k - k.mean(dim=2, keepdim=True)
     return k.reshape(n * o, n * o)
+
+
+def _centre_rows(y: torch.Tensor, outputs: int | None) -> torch.Tensor | None:
+    """H Y, the same H: (H Y)(H Y)ᵀ = H Y Yᵀ H; None when the targets are constant over the
+    samples (H Y is 0 up to the rounding of the mean)."""
+    o = outputs or 1
+    rows = y.reshape(-1, o, y.shape[1])
+    centred = (rows - rows.mean(dim=0, keepdim=True)).reshape(y.shape)
+    if float(centred.abs().max()) <= 64 * torch.finfo(torch.float64).eps * float(y.abs().max()):
+        return None
+    return centred
 
 
 def alignment(kernel: Array, targets: Array) -> float:
@@ -199,8 +211,8 @@ def alignment(kernel: Array, targets: Array) -> float:
         1.0
     """
     matrix, outputs = _square(kernel)
-    target = _target_matrix(targets, outputs, matrix.shape[0] // (outputs or 1))
-    return _cosine(matrix, target, "the kernel or the target kernel")
+    y = _targets(targets, outputs, matrix.shape[0] // (outputs or 1))
+    return _aligned(matrix, y, "the kernel or the target kernel")
 
 
 def centered_alignment(kernel: Array, targets: Array) -> float:
@@ -219,12 +231,14 @@ def centered_alignment(kernel: Array, targets: Array) -> float:
 
     Raises:
         InputError: a kernel that is not square, targets that do not match it, or a kernel or
-            targets that are zero after centring (e.g. constant targets).
+            targets that are zero after centring (targets the same for every sample).
         KernelError: a kernel that is not symmetric.
     """
     matrix, outputs = _square(kernel)
-    target = _target_matrix(targets, outputs, matrix.shape[0] // (outputs or 1))
-    return _cosine(_centre(matrix, outputs), _centre(target, outputs), "the centred kernel or the centred target kernel")
+    centred = _centre_rows(_targets(targets, outputs, matrix.shape[0] // (outputs or 1)), outputs)
+    if centred is None:
+        raise InputError("the targets are the same for every sample: centred, they are zero and the centred alignment is undefined")
+    return _aligned(_centre(matrix, outputs), centred, "the centred kernel")
 
 
 def kernel_distance(a: Array, b: Array) -> float:
@@ -296,13 +310,13 @@ def summary(kernel: Array, targets: Array | None = None) -> Summary:
     nonnegative = _psd(values)
     aligned = centred = None
     if targets is not None:
-        target = _target_matrix(targets, outputs, matrix.shape[0] // (outputs or 1))
-        aligned = _cosine(matrix, target, "the kernel or the target kernel")
-        centred_target = _centre(target, outputs)
-        if bool(centred_target.any()):  # constant targets: no centred alignment
-            centred = _cosine(_centre(matrix, outputs), centred_target, "the centred kernel")
+        y = _targets(targets, outputs, matrix.shape[0] // (outputs or 1))
+        aligned = _aligned(matrix, y, "the kernel or the target kernel")
+        centred_y = _centre_rows(y, outputs)
+        if centred_y is not None:  # constant targets: no centred alignment
+            centred = _aligned(_centre(matrix, outputs), centred_y, "the centred kernel")
     return Summary(
-        shape=tuple(int(s) for s in kernel.shape),
+        shape=tuple(int(s) for s in np.shape(kernel)),
         mode="full" if outputs is not None else "traced",
         trace=float(matrix.diagonal().sum()),
         eigenvalues=values,
