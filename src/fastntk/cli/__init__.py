@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(exc, one_line(exc), debug)
         return 2
     if args.command is None:
-        report(CLIError(), f"choose a command: compute, gram or report (see '{PROG} --help')", False)
+        report(CLIError(), f"choose a command: compute (see '{PROG} --help')", False)
         return 2
     debug = args.debug
     args.argv = argv  # a command may quote its own command line (gram: how to resume after Ctrl-C)
