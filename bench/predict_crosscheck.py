@@ -53,7 +53,8 @@ def ours(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def theirs(path: Path) -> None:
+def import_neural_tangents() -> types.ModuleType:
+    """neural_tangents in .venv-nt, float64 enabled (also used by bench/layout_crosscheck.py)."""
     sys.modules.setdefault("neural_tangents.experimental", types.ModuleType("neural_tangents.experimental"))
     import scipy.linalg
 
@@ -63,8 +64,14 @@ def theirs(path: Path) -> None:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
     import neural_tangents as nt
+
+    return nt
+
+
+def theirs(path: Path) -> None:
+    nt = import_neural_tangents()
+    import jax.numpy as jnp
 
     a = dict(np.load(path))
     out = {}

@@ -8,11 +8,12 @@
     predict.kernel_ridge / gradient_descent_mse / gp_inference / max_learning_rate   using a kernel
     linearize(model)                                   f(θ0, x) + J(θ0, x)(θ − θ0) as a trainable module
     self_ntk(model, x, *, mode="full", ...)            K(x_i, x_i) for each sample alone
+    analysis / plots / layout                          spectra, ranks, alignments; their plots; 2-D and neural-tangents layouts
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
-from . import analysis, predict
+from . import analysis, layout, plots, predict
 from ._heap import keep_freed_memory
 from .blocks.schedule import Block
 from .linearize import Linearized, linearize
@@ -32,6 +33,8 @@ __all__ = [
     "Plan",
     "predict",
     "analysis",
+    "layout",
+    "plots",
     "linearize",
     "self_ntk",
     "Linearized",

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import layout
 from ._errors import InputError, NonFiniteError
 
 Array = Any
@@ -58,7 +59,7 @@ class _System:
         if self.outputs is not None:
             if y.dim() != 2 or y.shape[1] != self.outputs:
                 raise InputError(f"{name} has shape {tuple(y.shape)}; a full kernel of O={self.outputs} outputs needs targets ({n}, {self.outputs})")
-            return y.reshape(-1, 1)
+            return layout.to_vector(y)[:, None]
         if y.dim() not in (1, 2):
             raise InputError(f"{name} has shape {tuple(y.shape)}: give targets (N,) or (N, O)")
         return y.reshape(n, -1)
@@ -66,7 +67,7 @@ class _System:
     def back(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Right-hand sides back in the targets' shape (N', O) or (N',)."""
         if self.outputs is not None:
-            return rows.reshape(-1, self.outputs)
+            return layout.from_vector(rows.reshape(-1), self.outputs)
         return rows.reshape(-1) if like.dim() == 1 else rows
 
 
@@ -79,19 +80,9 @@ def _tensor(x: Array, name: str) -> torch.Tensor:
 
 
 def _matrix(k: torch.Tensor, name: str, square: bool) -> tuple[torch.Tensor, int | None]:
-    """A kernel (N1, N2[, O, O]) as a 2-D matrix (N1[·O], N2[·O]) and its O (None when traced)."""
-    if k.dim() == 2:
-        outputs = None
-        matrix = k
-    elif k.dim() == 4 and k.shape[2] == k.shape[3]:
-        n1, n2, o, _ = k.shape
-        outputs = o
-        matrix = k.permute(0, 2, 1, 3).reshape(n1 * o, n2 * o)
-    else:
-        raise InputError(
-            f"{name} has shape {tuple(k.shape)}: give a full kernel (N1, N2, O, O) or a traced one (N1, N2), as fastntk.ntk "
-            "returns them ('diagonal' kernels (N1, N2, O) are not a linear operator on the outputs: use mode='full' or 'trace')"
-        )
+    """A kernel (N1, N2[, O, O]) as a 2-D matrix (N1[·O], N2[·O]) (:func:`fastntk.layout.to_matrix`) and its O (None when traced)."""
+    outputs = layout.kernel_outputs(k, name)
+    matrix = layout.to_matrix(k)
     if square and matrix.shape[0] != matrix.shape[1]:
         raise InputError(f"{name} has shape {tuple(k.shape)}: the train-train kernel must be square, K(x_train, x_train)")
     return matrix, outputs
@@ -101,30 +92,43 @@ def _train_system(k_train_train: Array, ridge: float) -> _System:
     if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
         raise InputError(f"ridge={ridge!r}: give a finite number >= 0 (added to the kernel's diagonal)")
     matrix, outputs = _matrix(_tensor(k_train_train, "k_train_train"), "k_train_train", square=True)
-    scale = float(matrix.abs().max()) or 1.0
-    asymmetry = float((matrix - matrix.T).abs().max())
-    if asymmetry > 1e-6 * scale:
-        raise KernelError(
-            f"k_train_train is not symmetric (max |K - Kᵀ| = {asymmetry:.3g}, {asymmetry / scale:.2g} of its largest entry): "
-            "pass K(x_train, x_train) itself, e.g. fastntk.ntk(model, x_train)"
-        )
-    matrix = (matrix + matrix.T) / 2
+    matrix = _symmetric(matrix, "k_train_train", "K(x_train, x_train) itself, e.g. fastntk.ntk(model, x_train)")
     if ridge:
         matrix = matrix + ridge * torch.eye(matrix.shape[0], dtype=matrix.dtype)
     return _System(matrix, outputs)
 
 
+def _symmetric(matrix: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    """(K + Kᵀ) / 2 of a square matrix, refused when K is not symmetric up to rounding; ``what``
+    names the kernel to pass instead."""
+    scale = float(matrix.abs().max()) if matrix.numel() else 0.0
+    asymmetry = float((matrix - matrix.T).abs().max()) if matrix.numel() else 0.0
+    if asymmetry > 1e-6 * (scale or 1.0):
+        raise KernelError(
+            f"{name} is not symmetric (max |K - Kᵀ| = {asymmetry:.3g}, {asymmetry / scale:.2g} of its largest entry): pass {what}"
+        )
+    return (matrix + matrix.T) / 2
+
+
+def _nonnegative(values: torch.Tensor, name: str, fix: str) -> torch.Tensor:
+    """Eigenvalues (any order) of a kernel that must be PSD, refused when clearly not; the tiny
+    negatives of rounding set to 0. ``fix`` says what to do instead."""
+    if not values.numel():
+        return values
+    smallest, largest = float(values.min()), float(values.max())
+    floor = -math.sqrt(torch.finfo(torch.float32).eps) * max(abs(largest), 1e-300)
+    if smallest < floor:
+        raise KernelError(
+            f"{name} is not positive semi-definite: smallest eigenvalue {smallest:.4g}, largest {largest:.4g}; "
+            f"an eNTK K(x, x) is PSD up to rounding: compute it in float64 (dtype=torch.float64){fix}"
+        )
+    return values.clamp(min=0)
+
+
 def _spectrum(system: _System) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of the train kernel, refused when clearly not PSD."""
     values, vectors = torch.linalg.eigh(system.matrix)
-    top = float(values[-1].abs()) if values.numel() else 0.0
-    floor = -math.sqrt(torch.finfo(torch.float32).eps) * max(top, 1e-300)
-    if float(values[0]) < floor:
-        raise KernelError(
-            f"k_train_train is not positive semi-definite: smallest eigenvalue {float(values[0]):.4g}, largest {float(values[-1]):.4g}; "
-            "an eNTK K(x, x) is PSD up to rounding: compute it in float64 (dtype=torch.float64), or pass ridge > 0"
-        )
-    return values.clamp(min=0), vectors
+    return _nonnegative(values, "k_train_train", ", or pass ridge > 0"), vectors
 
 
 def _solver(system: _System) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -208,8 +212,7 @@ def gp_inference(
     covariance = prior - cross @ solve(cross.T)
     covariance = (covariance + covariance.T) / 2
     if outputs is not None:
-        m = prior.shape[0] // outputs
-        covariance = covariance.reshape(m, outputs, m, outputs).permute(0, 2, 1, 3)
+        covariance = layout.from_matrix(covariance, outputs)
     return Gaussian(mean, covariance)
 
 

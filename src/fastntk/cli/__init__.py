@@ -1,4 +1,4 @@
-"""The ``fastntk`` command line: ``fastntk compute`` and ``fastntk gram``.
+"""The ``fastntk`` command line: ``fastntk compute``, ``fastntk gram`` and ``fastntk report``.
 
 ``main(argv)`` parses the arguments, runs the command and returns the exit status:
 0 on success, 2 for bad usage or input (missing files, wrong shapes, any
@@ -12,6 +12,7 @@ The package imports the library and never the reverse:
     loading.py   the model and input files
     compute.py   ``fastntk compute``: a kernel in memory, written to a file, with a summary
     gram.py      ``fastntk gram``: a kernel block by block on disk (resumable, over ranks)
+    report.py    ``fastntk report``: the spectrum, ranks and alignments of a kernel file, and its plot
     summary.py   what both commands print about a run
     errors.py    CLIError and the one-line error report
 """
@@ -24,7 +25,7 @@ from typing import Sequence
 
 from .._errors import FastNTKError
 from .._version import __version__
-from . import compute, gram
+from . import compute, gram, report as report_command
 from .errors import PROG, CLIError, is_out_of_memory, one_line, report
 from .options import Parser, in_cli_terms
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     compute.add_parser(commands)  # a kernel in memory
     gram.add_parser(commands)  # a large kernel block by block on disk
+    report_command.add_parser(commands)  # numbers and a plot of a kernel file
     return parser
 
 
