@@ -21,7 +21,7 @@ from ..scale.store import file_place_problem
 from .errors import PROG, CLIError
 from .loading import fit_inputs, load_batch, load_model, model_device, model_dtype
 from .options import add_alias, add_kernel_options, ntk_options
-from .summary import count_parameters, describe_batch, peak_rss_mib
+from .summary import count_parameters, describe_batch, peak_rss_mib, print_spectrum
 
 DEFAULT_N1, DEFAULT_N2 = 20, 5
 SPECTRUM_MAX_N = 4096
@@ -149,19 +149,6 @@ def gram_of_result(kernel: torch.Tensor, mode: str) -> torch.Tensor:
     return kernel
 
 
-def spectrum(gram: torch.Tensor) -> dict[str, float]:
-    """Eigenvalue summary of a symmetric PSD matrix, computed with eigvalsh in float64."""
-    g = gram.detach().to("cpu", torch.float64)
-    eig = torch.linalg.eigvalsh(0.5 * (g + g.T))
-    largest, smallest = float(eig[-1]), float(eig[0])
-    return {
-        "largest": largest,
-        "smallest": smallest,
-        "condition": largest / smallest if smallest > 0 else float("inf"),
-        "effective_rank": float(eig.sum()) / largest if largest > 0 else float("nan"),
-    }
-
-
 def run_compute(args: argparse.Namespace) -> int:
     """``fastntk compute``: load, compute, summarise, write."""
     import fastntk
@@ -227,9 +214,11 @@ def summarise_spectrum(fastntk: Any, model: nn.Module, x1: Any, x2: Any, kernel:
         mode = "trace_mean" if args.mode == "trace_mean" else "trace"
         gram = fastntk.ntk_fn(model, **{**options, "mode": mode})(x1)
         source = f"a second kernel, mode {mode}"
-    s = spectrum(gram)
+    try:
+        s = fastntk.analysis.summary(gram)
+    except fastntk.predict.KernelError as exc:  # the kernel is still written
+        print(f"spectrum  skipped: {exc}")
+        return
     took = time.perf_counter() - start
-    print(f"spectrum  of the {what} ({source}; eigvalsh in float64, {took:.2f} s):")
-    print(f"          largest eigenvalue {s['largest']:.6g}, smallest {s['smallest']:.6g}, "
-          f"condition number largest/smallest {s['condition']:.6g}")
-    print(f"          effective rank {s['effective_rank']:.4g} (= sum of eigenvalues / largest, i.e. trace / lambda_max; between 1 and {n1})")
+    print(f"gram      {what} ({source}; {took:.2f} s):")
+    print_spectrum(s)

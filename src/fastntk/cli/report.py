@@ -17,6 +17,7 @@ from .._version import __version__
 from ..scale import store
 from .errors import PROG, CLIError
 from .loading import load_batch
+from .summary import print_spectrum
 
 PLOT_MAX_ROWS = 8192
 """Largest 2-D matrix side drawn (a heatmap of more rows than pixels shows nothing more)."""
@@ -116,10 +117,7 @@ def run_report(args: argparse.Namespace) -> int:
     side = values.numel()
     print(f"matrix    {side} x {side}" + (" (N·O, sample-major)" if s.mode == "full" else ""))
     print(f"trace     {s.trace:.6g}")
-    print(f"spectrum  largest eigenvalue {float(values[0]):.6g}, smallest {float(values[-1]):.6g} (float64 eigvalsh)")
-    print(f"          condition number {s.condition_number:.6g}")
-    print(f"          effective rank {s.effective_rank:.4g} (entropy, Roy & Vetterli 2007), participation ratio "
-          f"{s.participation_ratio:.4g} (between 1 and {side})")
+    print_spectrum(s)
     if s.alignment is not None:
         print(f"targets   {tuple(targets.shape)} from {args.targets}")
         centred = "undefined (constant targets)" if s.centered_alignment is None else f"{s.centered_alignment:.6g}"

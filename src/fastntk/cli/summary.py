@@ -1,4 +1,4 @@
-"""What both commands print about a run: the model's size, the shapes of its inputs, peak memory."""
+"""What the commands print about a run: the model's size, the shapes of its inputs, peak memory, a spectrum."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from ..analysis import Summary
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -35,3 +37,12 @@ def peak_rss_mib() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
+
+
+def print_spectrum(s: Summary) -> None:
+    """The spectrum lines of ``fastntk compute`` and ``fastntk report``, from :func:`fastntk.analysis.summary`."""
+    values = s.eigenvalues
+    print(f"spectrum  largest eigenvalue {float(values[0]):.6g}, smallest {float(values[-1]):.6g} (float64 eigvalsh)")
+    print(f"          condition number {s.condition_number:.6g}")
+    print(f"          effective rank {s.effective_rank:.4g} (entropy, Roy & Vetterli 2007), participation ratio "
+          f"{s.participation_ratio:.4g} (between 1 and {values.numel()})")
