@@ -8,17 +8,20 @@
     predict.kernel_ridge / gradient_descent_mse / gp_inference / max_learning_rate   using a kernel
     linearize(model)                                   f(θ0, x) + J(θ0, x)(θ − θ0) as a trainable module
     self_ntk(model, x, *, mode="full", ...)            K(x_i, x_i) for each sample alone
+    NTKOperator(model, x1, x2=None, ...)               Θ as a matrix-free linear operator (operator.solve / top_eigenvalues / trace_estimate)
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
 from . import analysis, predict
+from . import operator
 from ._heap import keep_freed_memory
 from .blocks.schedule import Block
 from .linearize import Linearized, linearize
 from .plan import Plan
 from .reference import reference_ntk
 from .self_kernel import self_ntk
+from .operator import NTKOperator
 from .scale import LockedError, ResumeError, gram
 
 from ._version import __version__
@@ -34,6 +37,8 @@ __all__ = [
     "analysis",
     "linearize",
     "self_ntk",
+    "NTKOperator",
+    "operator",
     "Linearized",
     "Block",
     "reference_ntk",
