@@ -17,6 +17,7 @@ torch tensors (N2·O,) or (N2·O, K), ``.adjoint()``, ``.to_scipy()``, ``.shape`
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -278,8 +279,11 @@ class _Pushes:
     def push(self, f: FunctionalModel, x: Batch, g: Params) -> torch.Tensor:
         """J(x) g: (K, b, O) for g a dict name -> (K, *parameter shape)."""
         if self.how == "forward":
-            with forward_mode_kernels():
-                return or_on_composite_kernels(lambda: self.columns(lambda t: jvp(lambda q: f(q, x), (f.primals,), (t,))[1], g))
+            try:
+                with forward_mode_kernels():
+                    return or_on_composite_kernels(lambda: self.columns(lambda t: jvp(lambda q: f(q, x), (f.primals,), (t,))[1], g))
+            except NotImplementedError:  # an op the first sample's probe did not reach: reverse mode twice
+                self.how = "double"
         if self.how == "double":
             try:
                 out, pullback = vjp(lambda q: f(q, x), f.primals)
@@ -306,7 +310,6 @@ def activation_bytes(f: FunctionalModel, x: Batch) -> int:
     primals = {name: t.detach().requires_grad_() for name, t in f.primals.items()}
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         f(primals, x)
-    own.update(t.untyped_storage().data_ptr() for t in primals.values())
     n = leaves(x)[0].shape[0]
     return -(-saved // n)
 
@@ -358,7 +361,7 @@ def solve(op: NTKOperator, y: torch.Tensor, *, ridge: float = 0.0, rtol: float =
         The :class:`Solution` (α, iterations, relative residual).
 
     Raises:
-        InputError: an operator that is not Θ(x, x), y of the wrong size, or a bad ridge or rtol.
+        InputError: an operator that is not Θ(x, x), y of the wrong size, or a bad ridge, rtol or maxiter.
         ConvergenceError: CG stopped above ``rtol`` (its iterations and residual are attached).
 
     Example:
@@ -375,6 +378,8 @@ def solve(op: NTKOperator, y: torch.Tensor, *, ridge: float = 0.0, rtol: float =
         raise InputError(f"ridge={ridge!r}: give a finite number >= 0 (added to Θ's diagonal)")
     if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise InputError(f"rtol={rtol!r}: give a relative tolerance in (0, 1), e.g. 1e-5")
+    if maxiter is not None and not (isinstance(maxiter, int) and not isinstance(maxiter, bool) and maxiter >= 1):
+        raise InputError(f"maxiter={maxiter!r}: give a positive number of iterations, or None for 10·N·O")
     n = op.shape[0]
     target = torch.as_tensor(y).detach()
     if target.numel() != n or target.dim() not in (1, 2) or (target.dim() == 2 and target.shape[1] != op.num_outputs):
@@ -394,7 +399,8 @@ def solve(op: NTKOperator, y: torch.Tensor, *, ridge: float = 0.0, rtol: float =
     norm = float(np.linalg.norm(b))
     if norm == 0.0:
         return Solution(torch.zeros_like(target, dtype=torch.float64, device=op.device), 0, 0.0)
-    x, info = linalg.cg(system, b, rtol=rtol, atol=0.0, maxiter=maxiter if maxiter is not None else 10 * n, callback=count)
+    tolerance = {"rtol" if "rtol" in inspect.signature(linalg.cg).parameters else "tol": rtol}  # scipy < 1.12 names it tol
+    x, info = linalg.cg(system, b, atol=0.0, maxiter=maxiter if maxiter is not None else 10 * n, callback=count, **tolerance)
     residual = float(np.linalg.norm(b - system.matvec(x))) / norm
     if info != 0 or residual > rtol:
         raise ConvergenceError(
