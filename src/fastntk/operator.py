@@ -62,7 +62,9 @@ class NTKOperator:
     ``op @ v`` costs one reverse pass over x2 and one forward-mode pass over x1 per column of
     v (columns are batched with vmap); models whose operations lack forward-mode AD
     (weight_norm, EmbeddingBag, ...) get J(x1) g from a double VJP, J g = ∂/∂u [(Jᵀu)·g],
-    or, where even that is missing, from per-sample Jacobian rows.
+    or, where even that is missing, from per-sample Jacobian rows. Θ is that of the
+    parameters at construction: build a new operator after training the model (the operator
+    holds detached views of them, copies under a ``dtype`` cast, and is not differentiable).
 
     Args:
         model: any ``nn.Module``, as for :func:`fastntk.ntk`.
