@@ -9,17 +9,19 @@
     linearize(model)                                   f(θ0, x) + J(θ0, x)(θ − θ0) as a trainable module
     self_ntk(model, x, *, mode="full", ...)            K(x_i, x_i) for each sample alone
     analysis / plots / layout                          spectra, ranks, alignments; their plots; 2-D and neural-tangents layouts
+    NTKOperator(model, x1, x2=None, ...)               Θ as a matrix-free linear operator (operator.solve / top_eigenvalues / trace_estimate)
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
 from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, OptionError, SelectionError
-from . import analysis, layout, plots, predict
+from . import analysis, layout, operator, plots, predict
 from ._heap import keep_freed_memory
 from .blocks.schedule import Block
 from .linearize import Linearized, linearize
 from .plan import Plan
 from .reference import reference_ntk
 from .self_kernel import self_ntk
+from .operator import NTKOperator
 from .scale import LockedError, ResumeError, gram
 
 from ._version import __version__
@@ -37,6 +39,8 @@ __all__ = [
     "plots",
     "linearize",
     "self_ntk",
+    "NTKOperator",
+    "operator",
     "Linearized",
     "Block",
     "reference_ntk",

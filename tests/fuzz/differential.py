@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import fastntk
-from conftest import assert_kernel_close, reduce_full
+from conftest import assert_kernel_close, reduce_full, rtol
 
 METHODS = ("jacobian", "vp", "structured", "auto")
 EXACT = METHODS[:3]
@@ -258,6 +258,30 @@ class Checker:
             self.assert_close(kernel, combo.mode, gram=True, samples_diagonal=True)
         except Exception as exc:  # noqa: BLE001 - the Gram matrix was computed, so any error is a failure
             self.fail(WrongKernel if isinstance(exc, AssertionError) else Crash, Combo("self_ntk", combo.mode, True, combo.chunk),
+                      f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+
+    def check_operator(self, combo: Combo) -> None:
+        """fastntk.NTKOperator @ v (a seeded random v) against the reference kernel laid out 2-D
+        (N1·O, N2·O) times v, in the combo's x2 choice and block size, wherever the Jacobian
+        method computes that kernel. Tolerance: the dtype's (conftest.rtol) on each of the
+        sum's terms |Θ_ij v_j|, or ROUNDING_FACTOR times the model's own rounding pushed through |v|."""
+        if not self.computes(Combo("jacobian", "full", combo.gram, combo.chunk)):
+            return
+        try:
+            full = self.reference(combo.gram)
+            n1, n2, o, _ = full.shape
+            theta = full.permute(0, 2, 1, 3).reshape(n1 * o, n2 * o)
+            v = torch.randn(n2 * o, dtype=torch.float64, generator=torch.Generator().manual_seed(n1 * 31 + n2))
+            op = fastntk.NTKOperator(self.model, self.x1, None if combo.gram else self.x2, params=self.params, block_size=combo.block_size(self.n1))
+            product = op @ v.to(self.dtype)
+            assert product.dtype == self.dtype, f"dtype {product.dtype}"
+            error = (product.double() - theta @ v).abs().max().item()
+            bound = rtol(self.dtype) * (theta.abs() @ v.abs()).max().item()
+            if error > bound:
+                rounding = self.rounding(combo.gram).permute(0, 2, 1, 3).reshape(n1 * o, n2 * o)
+                assert error <= ROUNDING_FACTOR * (rounding @ v.abs()).max().item(), f"Θv max error {error:.3g} vs bound {bound:.3g}"
+        except Exception as exc:  # noqa: BLE001 - the kernel was computed, so any error is a failure
+            self.fail(WrongKernel if isinstance(exc, AssertionError) else Crash, Combo("NTKOperator", "full", combo.gram, combo.chunk),
                       f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
 
     def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, gram: bool, swapped: bool = False) -> None:

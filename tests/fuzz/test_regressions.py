@@ -204,3 +204,25 @@ def test_the_fuzzers_self_kernel_check_catches_a_wrong_one(monkeypatch: pytest.M
     checker = Checker(model, x1, x2)
     checker.check_self(Combo("structured", "trace", False, "default"))
     assert [kind.__name__ for kind, _, _ in checker.failures] == ["WrongKernel"]
+
+
+def test_the_fuzzers_operator_check_catches_a_wrong_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_operator compares NTKOperator @ v with the reference kernel laid out 2-D times v:
+    right passes (both x2 choices, several block sizes, float32 and float64), 1.001 times it fails."""
+    from differential import Checker, Combo
+
+    from fastntk.operator import NTKOperator
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(dtype)
+        x1, x2 = torch.randn(4, 3, dtype=dtype), torch.randn(3, 3, dtype=dtype)
+        checker = Checker(model, x1, x2)
+        for gram, chunk in ((True, "1"), (False, "2"), (False, "default")):
+            checker.check_operator(Combo("structured", "full", gram, chunk))
+        assert not checker.failures, checker.failures
+    right = NTKOperator.__matmul__
+    monkeypatch.setattr(NTKOperator, "__matmul__", lambda self, v: 1.001 * right(self, v))
+    checker = Checker(model, x1, x2)
+    checker.check_operator(Combo("structured", "trace", False, "default"))
+    assert [kind.__name__ for kind, _, _ in checker.failures] == ["WrongKernel"]
