@@ -8,6 +8,7 @@
     predict.kernel_ridge / gradient_descent_mse / gp_inference / max_learning_rate   using a kernel
     linearize(model)                                   f(θ0, x) + J(θ0, x)(θ − θ0) as a trainable module
     self_ntk(model, x, *, mode="full", ...)            K(x_i, x_i) for each sample alone
+    KernelTracker(model, probe_x, *, every=1, ...)     the kernel during training: distance from init, velocity
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
@@ -19,6 +20,7 @@ from .linearize import Linearized, linearize
 from .plan import Plan
 from .reference import reference_ntk
 from .self_kernel import self_ntk
+from .tracking import KernelHistory, KernelTracker
 from .scale import LockedError, ResumeError, gram
 
 from ._version import __version__
@@ -35,6 +37,8 @@ __all__ = [
     "linearize",
     "self_ntk",
     "Linearized",
+    "KernelTracker",
+    "KernelHistory",
     "Block",
     "reference_ntk",
     "keep_freed_memory",
