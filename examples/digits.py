@@ -113,8 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", choices=("trace_mean", "full"), default="trace_mean",
                         help="the kernel of (a): trace_mean, one (N, N) kernel for every output (default); full, "
                              "(N, N, 10, 10), which (c) follows exactly but is a (10 N)^2 system")
+    parser.add_argument("--train", type=int, default=None, help="training images (default 1000; 300 with --quick)")
+    parser.add_argument("--test", type=int, default=None, help="test images (default 797, the rest; 200 with --quick)")
     args = parser.parse_args(argv)
     n_train, n_test, width, steps = (300, 200, 64, 200) if args.quick else (1000, 797, 256, 1000)
+    n_train, n_test = args.train or n_train, args.test or n_test
+    if n_train + n_test > 1797:
+        parser.error(f"--train {n_train} and --test {n_test} add up to more than the 1797 digits")
     started = time.perf_counter()
     x, labels, x_test, labels_test = load(n_train, n_test, args.seed)
     y = torch.nn.functional.one_hot(labels, 10).float()

@@ -60,6 +60,6 @@ def test_digits_quick(tmp_path: Path) -> None:
 def test_digits_linearised_network_follows_the_full_kernel_closed_form(tmp_path: Path) -> None:
     """With the full (N, N, 10, 10) kernel, (c) trained by gradient descent ends where
     gradient_descent_mse puts it (up to the difference of discrete steps and flow)."""
-    result = example("digits").main(["--quick", "--mode", "full", "--out", str(tmp_path)])
+    result = example("digits").main(["--quick", "--mode", "full", "--train", "120", "--test", "100", "--out", str(tmp_path)])
     assert result["relative_gap_linearised_to_kernel"] < 1e-2
     assert result["accuracy"]["linearised"] == pytest.approx(result["accuracy"]["kernel_at_end"], abs=0.011)
