@@ -280,7 +280,7 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(fastntk.OptionError, match="attached"):
         tracker.attach(optimizer)
     tracker.detach()
-    with pytest.raises(ValueError, match="zero"):  # no distance from a zero kernel
+    with pytest.raises(fastntk.InputError, match="zero"):  # no distance from a zero kernel
         fastntk.KernelTracker(nn.Linear(3, 1, bias=False), torch.zeros(4, 3))
 
 
@@ -301,3 +301,19 @@ def test_history_as_dict_is_json_and_kernels_are_kept_on_request() -> None:
 
 def test_the_docstring_example_runs() -> None:
     assert doctest.testmod(tracking, raise_on_error=False).failed == 0
+
+
+def test_the_guide_example_runs() -> None:
+    """The example of docs/guide/training.md, as written."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "training.md").read_text()
+    codes = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert codes
+    namespace: dict = {}
+    for code in codes:
+        exec(compile(code, "training.md", "exec"), namespace)  # noqa: S102
+    assert namespace["history"].steps == list(range(0, 101, 10))
+    assert namespace["record"]["velocity"][0] is None and 0 < namespace["history"].distance[-1] < 1
+    assert not namespace["tracker"].attached

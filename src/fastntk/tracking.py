@@ -78,6 +78,31 @@ class KernelTracker:
     state or train/eval flag is changed (with ``eval_mode=True`` the kernel is computed with
     every module's flag set to eval and each flag restored afterwards).
 
+    Args:
+        model: the ``nn.Module`` being trained.
+        probe_x: the N probe samples, in any form :func:`fastntk.ntk` takes (kept, not
+            copied: do not modify them in place while tracking).
+        every: record the kernel after every ``every``-th step (a positive int).
+        mode: the kernel's mode, as for :func:`fastntk.ntk`: "full" (N, N, O, O), "trace"
+            or "trace_mean" (N, N), "diagonal" (N, N, O).
+        keep_kernels: keep every recorded kernel in ``history.kernels`` (on the CPU);
+            otherwise only K_0 and the latest are held.
+        eval_mode: compute each kernel with every module in eval mode (dropout off,
+            BatchNorm on its running statistics; each module's flag is restored after),
+            so that the kernel is defined while the model trains; False: as the model is.
+        method: as for :func:`fastntk.ntk` (default "auto": the cheapest, chosen once).
+        params: as for :func:`fastntk.ntk`.
+        dtype: as for :func:`fastntk.ntk`.
+        block_size: as for :func:`fastntk.ntk`.
+        max_memory: as for :func:`fastntk.ntk`.
+        check: as for :func:`fastntk.ntk`.
+
+    Raises:
+        OptionError: ``every`` not a positive int, ``keep_kernels``/``eval_mode`` not a
+            bool, or a bad kernel option.
+        FastNTKError: as :func:`fastntk.ntk`, for the model and the probe set.
+        InputError: an initial kernel that is zero (no distance from it is defined).
+
     Example:
         >>> import torch, fastntk
         >>> _ = torch.manual_seed(0)
@@ -109,33 +134,7 @@ class KernelTracker:
         max_memory: int | str = DEFAULT_MAX_MEMORY,
         check: bool = True,
     ) -> None:
-        """Compute the initial kernel K_0 = K(probe_x, probe_x) (step 0).
-
-        Args:
-            model: the ``nn.Module`` being trained.
-            probe_x: the N probe samples, in any form :func:`fastntk.ntk` takes (kept, not
-                copied: do not modify them in place while tracking).
-            every: record the kernel after every ``every``-th step (a positive int).
-            mode: the kernel's mode, as for :func:`fastntk.ntk`: "full" (N, N, O, O), "trace"
-                or "trace_mean" (N, N), "diagonal" (N, N, O).
-            keep_kernels: keep every recorded kernel in ``history.kernels`` (on the CPU);
-                otherwise only K_0 and the latest are held.
-            eval_mode: compute each kernel with every module in eval mode (dropout off,
-                BatchNorm on its running statistics; each module's flag is restored after),
-                so that the kernel is defined while the model trains; False: as the model is.
-            method: as for :func:`fastntk.ntk` (default "auto": the cheapest, chosen once).
-            params: as for :func:`fastntk.ntk`.
-            dtype: as for :func:`fastntk.ntk`.
-            block_size: as for :func:`fastntk.ntk`.
-            max_memory: as for :func:`fastntk.ntk`.
-            check: as for :func:`fastntk.ntk`.
-
-        Raises:
-            OptionError: ``every`` not a positive int, ``keep_kernels``/``eval_mode`` not a
-                bool, or a bad kernel option.
-            FastNTKError: as :func:`fastntk.ntk`, for the model and the probe set.
-            ValueError: an initial kernel that is zero (no distance from it is defined).
-        """
+        """Compute the initial kernel K_0 = K(probe_x, probe_x) (step 0); see the class for the arguments."""
         if not is_positive_int(every):
             raise OptionError(f"every={every!r}: give a positive number of optimiser steps between records")
         for name, flag in (("keep_kernels", keep_kernels), ("eval_mode", eval_mode)):
@@ -153,7 +152,10 @@ class KernelTracker:
         self._initial64 = self._latest64 = kernel.to("cpu", torch.float64)
         self._initial_norm = float(torch.linalg.vector_norm(self._initial64))
         if self._initial_norm == 0:
-            raise ValueError("the kernel on the probe set is zero at the start: no distance from it is defined; check the model and probe_x")
+            raise InputError(
+                "the kernel on the probe set is zero at the start, so no distance from it is defined: the outputs do not "
+                "depend on the parameters at probe_x (e.g. all-zero inputs to a model without biases); choose other probes"
+            )
         self._append(0, 0.0, 0.0, math.nan, math.nan, self._initial_norm, seconds, kernel)
 
     # -- counting steps ----------------------------------------------------------------------
