@@ -107,6 +107,7 @@ def test_zero_distance_before_training() -> None:
     assert h.steps == [0] and h.distance == [0.0] and h.relative_change == [0.0]
     assert h.norm[0] == pytest.approx(float(fastntk.reference_ntk(model, x[:PROBES]).norm()), rel=1e-10)
     assert torch.equal(tracker.initial, tracker.latest)
+    tracker.initial.mul_(2)  # the caller's copy (a float64 kernel on the CPU): the records use their own
     # steps that do not change the parameters (learning rate 0): the kernel stays where it was
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)
     tracker.attach(frozen)

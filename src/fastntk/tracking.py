@@ -149,7 +149,7 @@ class KernelTracker:
         self.history = KernelHistory(kernels=[] if keep_kernels else None)
         kernel, seconds = self._compute()
         self._initial = self._latest = kernel
-        self._initial64 = self._latest64 = kernel.to("cpu", torch.float64)
+        self._initial64 = self._latest64 = kernel.to("cpu", torch.float64, copy=True)  # ours: the caller may change kernel
         self._initial_norm = float(torch.linalg.vector_norm(self._initial64))
         if self._initial_norm == 0:
             raise InputError(
@@ -198,7 +198,7 @@ class KernelTracker:
         if self.history.steps[-1] == self._step:
             return self._latest
         kernel, seconds = self._compute()
-        current = kernel.to("cpu", torch.float64)
+        current = kernel.to("cpu", torch.float64, copy=True)
         elapsed = self._step - self.history.steps[-1]
         previous_norm = float(torch.linalg.vector_norm(self._latest64))
         self._append(
