@@ -7,7 +7,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ class KernelHistory:
     seconds: list[float] = field(default_factory=list)
     kernels: list[torch.Tensor] | None = None
 
-    SERIES = ("distance", "relative_change", "velocity", "relative_velocity", "norm", "seconds")
+    SERIES: ClassVar[tuple[str, ...]] = ("distance", "relative_change", "velocity", "relative_velocity", "norm", "seconds")
     """The per-record numbers (besides ``steps``)."""
 
     def __len__(self) -> int:
