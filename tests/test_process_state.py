@@ -192,6 +192,9 @@ def test_every_call_leaves_the_process_as_it_found_it(method: str, state: str, r
         assert_unchanged(before)
         fastntk.gram(model, x1, x2, mode="diagonal", method=method, progress=False)
         assert_unchanged(before)
+        tracker = fastntk.KernelTracker(model, x1, mode="trace", method=method, block_size=2)
+        tracker.step()
+        assert_unchanged(before)
         with torch.no_grad():  # grad mode off outside stays off
             before_no_grad = snapshot()
             fastntk.ntk(model, x1, method=method)

@@ -10,6 +10,7 @@
     self_ntk(model, x, *, mode="full", ...)            K(x_i, x_i) for each sample alone
     analysis / plots / layout                          spectra, ranks, alignments; their plots; 2-D and neural-tangents layouts
     NTKOperator(model, x1, x2=None, ...)               Θ as a matrix-free linear operator (operator.solve / top_eigenvalues / trace_estimate)
+    KernelTracker(model, probe_x, *, every=1, ...)     the kernel during training: distance from init, velocity
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
@@ -22,6 +23,7 @@ from .plan import Plan
 from .reference import reference_ntk
 from .self_kernel import self_ntk
 from .operator import NTKOperator
+from .tracking import KernelHistory, KernelTracker
 from .scale import LockedError, ResumeError, gram
 
 from ._version import __version__
@@ -42,6 +44,8 @@ __all__ = [
     "NTKOperator",
     "operator",
     "Linearized",
+    "KernelTracker",
+    "KernelHistory",
     "Block",
     "reference_ntk",
     "keep_freed_memory",

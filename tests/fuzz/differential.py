@@ -284,6 +284,31 @@ class Checker:
             self.fail(WrongKernel if isinstance(exc, AssertionError) else Crash, Combo("NTKOperator", "full", combo.gram, combo.chunk),
                       f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
 
+    def check_tracker(self, combo: Combo) -> None:
+        """fastntk.KernelTracker on x1 in the combo's mode, method and block size, with the model
+        as it is (``eval_mode=False``): its K_0, and its record after a step that changed no
+        parameter, against the reference Gram matrix, and the model and inputs left unchanged;
+        wherever the single call computes that (non-zero) Gram matrix."""
+        gram = Combo(combo.method, combo.mode, True, combo.chunk)
+        if not self.computes(gram) or not bool(self.reference(True).any()):  # a zero kernel has no distance
+            return
+        tracked = Combo("tracker", combo.mode, True, combo.chunk)
+        try:
+            tracker = fastntk.KernelTracker(
+                self.model, self.x1, mode=combo.mode, method=combo.method, params=self.params,
+                block_size=combo.block_size(self.n1), eval_mode=False,
+            )
+            self.assert_close(tracker.initial, combo.mode, gram=True)
+            assert tracker.step() and tracker.history.steps == [0, 1], tracker.history.steps
+            self.assert_close(tracker.latest, combo.mode, gram=True)
+        except Exception as exc:  # noqa: BLE001 - the Gram matrix was computed, so any error is a failure
+            self.fail(WrongKernel if isinstance(exc, AssertionError) else Crash, tracked,
+                      f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+        changed = self.snapshot.differences(self.model, self.x1, self.x2)
+        if changed:
+            self.fail(Mutated, tracked, "; ".join(changed))
+            self.snapshot = Snapshot(self.model, self.x1, self.x2)
+
     def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, gram: bool, swapped: bool = False) -> None:
         try:
             self.assert_close(kernel, combo.mode, gram, swapped)

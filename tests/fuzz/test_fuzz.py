@@ -57,6 +57,7 @@ def check_spec(spec: Spec, dtype: torch.dtype, chosen: list[Combo], reuse: Combo
         checker.check(combo)
     checker.check_self(reuse)  # fastntk.self_ntk: the Gram matrix's diagonal, in the reused combo's mode and block size
     checker.check_operator(reuse)  # fastntk.NTKOperator @ v: the kernel laid out 2-D times v, in the reused combo's x2 and block size
+    checker.check_tracker(reuse)  # fastntk.KernelTracker: its kernels are the Gram matrix, the model left as it was
     checker.check_reuse(reuse)
     if not LOG:
         checker.raise_first()

@@ -226,3 +226,33 @@ def test_the_fuzzers_operator_check_catches_a_wrong_product(monkeypatch: pytest.
     checker = Checker(model, x1, x2)
     checker.check_operator(Combo("structured", "trace", False, "default"))
     assert [kind.__name__ for kind, _, _ in checker.failures] == ["WrongKernel"]
+
+
+def test_the_fuzzers_tracker_check_catches_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_tracker compares KernelTracker's kernels with the reference Gram: right passes, a
+    tracker whose kernels are doubled fails, and so does one that leaves the model changed."""
+    from differential import Checker, Combo
+    from fastntk import tracking
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    for mode in ("full", "trace", "diagonal"):
+        checker = Checker(model, x1, x2)
+        checker.check_tracker(Combo("auto", mode, False, "2"))
+        assert not checker.failures, checker.failures
+    right = tracking.KernelTracker._compute
+    monkeypatch.setattr(tracking.KernelTracker, "_compute", lambda self: (2 * right(self)[0], 0.0))
+    checker = Checker(model, x1, x2)
+    checker.check_tracker(Combo("jacobian", "trace", False, "default"))
+    assert [kind.__name__ for kind, _, _ in checker.failures] == ["WrongKernel"]
+
+    def mutating(self):
+        with torch.no_grad():
+            next(self.model.parameters()).add_(1.0)
+        return right(self)
+
+    monkeypatch.setattr(tracking.KernelTracker, "_compute", mutating)
+    checker = Checker(model, x1, x2)
+    checker.check_tracker(Combo("jacobian", "trace", False, "default"))
+    assert "Mutated" in [kind.__name__ for kind, _, _ in checker.failures]
