@@ -8,6 +8,9 @@
     predict.kernel_ridge / gradient_descent_mse / gp_inference / max_learning_rate   using a kernel
     linearize(model)                                   f(θ0, x) + J(θ0, x)(θ − θ0) as a trainable module
     self_ntk(model, x, *, mode="full", ...)            K(x_i, x_i) for each sample alone
+    taylor_expand(model, degree)                       the degree-k Taylor expansion in θ as a trainable module
+    nngp(model, x1, x2=None, *, mode=None, layer=None) the empirical NNGP: outputs' or a layer's inner products
+    monte_carlo(kernel, model_factory, x1, ...)        a kernel's mean and standard error over seeded initialisations
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
@@ -15,7 +18,9 @@ from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, Optio
 from . import analysis, predict
 from ._heap import keep_freed_memory
 from .blocks.schedule import Block
-from .linearize import Linearized, linearize
+from .linearize import Linearized, TaylorExpanded, linearize, taylor_expand
+from .monte_carlo import MonteCarloKernel, monte_carlo
+from .nngp import nngp
 from .plan import Plan
 from .reference import reference_ntk
 from .self_kernel import self_ntk
@@ -35,6 +40,11 @@ __all__ = [
     "linearize",
     "self_ntk",
     "Linearized",
+    "taylor_expand",
+    "TaylorExpanded",
+    "nngp",
+    "monte_carlo",
+    "MonteCarloKernel",
     "Block",
     "reference_ntk",
     "keep_freed_memory",
