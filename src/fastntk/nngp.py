@@ -114,15 +114,16 @@ def blocked_gram(problem: Any, features: Features, d: int, mode: str) -> torch.T
     result_bytes = n1 * n2 * pair_bytes
     per_sample = size * d + INPUT_COPIES * problem.input_bytes
     room = problem.options.max_memory - result_bytes
-    least = 2 * per_sample + pair_bytes
-    if room < least:
+    held_bytes = n2 * size * d  # x2's features, held whole
+    cached = held_bytes + per_sample + n2 * pair_bytes <= room
+    least = per_sample + min(held_bytes + n2 * pair_bytes, per_sample + pair_bytes)  # either way, one sample a block
+    if not cached and room < least:
         raise OptionError(
-            f"max_memory={format_bytes(problem.options.max_memory)} is too small: one sample's features and inputs on each side "
-            f"need {format_bytes(least)} beside the {format_bytes(result_bytes)} result; pass max_memory={least + result_bytes} or more"
+            f"max_memory={format_bytes(problem.options.max_memory)} is too small: one sample's features and inputs need "
+            f"{format_bytes(least)} beside the {format_bytes(result_bytes)} result; pass max_memory={least + result_bytes} or more"
         )
     out = torch.empty(shape, dtype=f.dtype, device=f.device)
-    held_bytes = n2 * size * d
-    if held_bytes + per_sample + n2 * pair_bytes <= room:  # all of x2's features, then rows of x1 against them
+    if cached:  # all of x2's features, then rows of x1 against them
         block = max(1, (room - held_bytes) // (per_sample + n2 * pair_bytes))
         right = torch.cat([features(problem.load(2, s, min(n2, s + block))) for s in range(0, n2, block)])
         for start in range(0, n1, block):
