@@ -3,13 +3,17 @@ linearisation (degree 1) and higher degrees, by nested forward-mode AD."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import math
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
+from torch.overrides import TorchFunctionMode
 
 from ._errors import ModelError, OptionError
 from ._options import is_positive_int
@@ -71,7 +75,7 @@ class TaylorExpanded(nn.Module):
             return functional_call(self.module, params, args, kwargs)
 
         # composite kernels where fused ones lack forward mode, as the vp method's
-        with forward_mode_kernels():
+        with forward_mode_kernels(), (NormsFromTheirDefinition() if self.degree > 1 else contextlib.nullcontext()):
             try:
                 terms = or_on_composite_kernels(lambda: derivatives(f, theta0, delta, self.degree))
             except NotImplementedError as exc:
@@ -100,6 +104,81 @@ def derivatives(f: Callable[[Params], Any], theta: Params, delta: Params, degree
         return [f(theta)]
     lower, higher = jvp(lambda p: derivatives(f, p, delta, degree - 1), (theta,), (delta,))
     return [*lower, higher[-1]]
+
+
+class NormsFromTheirDefinition(TorchFunctionMode):
+    """Normalisations on statistics of their input, computed from their definition (mean, var,
+    rsqrt) while a Taylor expansion of degree >= 2 runs: PyTorch's forward-mode rules for
+    ``native_layer_norm`` and ``native_batch_norm`` on batch statistics are not themselves
+    forward-differentiable (a jvp of their jvp gives wrong second derivatives, as of torch 2.13),
+    whereas the composite ops' are. Values agree to rounding.
+
+    Raises:
+        ModelError: instance_norm with input statistics and running statistics to update.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            return layer_norm_by_definition(*args, **kwargs)
+        if func is F.batch_norm:
+            bound = BATCH_NORM.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["training"] or a["running_mean"] is None:
+                return batch_norm_by_definition(**a)
+        if func is F.instance_norm:
+            bound = INSTANCE_NORM.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["use_input_stats"]:
+                if a["running_mean"] is not None:
+                    raise ModelError(
+                        "fastntk.taylor_expand(degree>=2) cannot expand InstanceNorm with track_running_stats=True in training "
+                        "mode; call model.eval() or use degree 1"
+                    )
+                return normalized(a["input"], tuple(range(2, a["input"].dim())), a["weight"], a["bias"], a["eps"])
+        return func(*args, **kwargs)
+
+
+BATCH_NORM = inspect.signature(F.batch_norm)
+INSTANCE_NORM = inspect.signature(F.instance_norm)
+
+
+def normalized(x: torch.Tensor, dims: tuple[int, ...], weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """(x − mean) / sqrt(var + eps) over ``dims`` (biased variance), then the per-channel affine map (channels on dim 1)."""
+    mean = x.mean(dims, keepdim=True)
+    out = (x - mean) * torch.rsqrt((x - mean).square().mean(dims, keepdim=True) + eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+def layer_norm_by_definition(input: torch.Tensor, normalized_shape: Any, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # noqa: A002
+    """``F.layer_norm`` from mean and variance over the last ``len(normalized_shape)`` dims."""
+    dims = tuple(range(-len(tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)), 0))
+    mean = input.mean(dims, keepdim=True)
+    out = (input - mean) * torch.rsqrt((input - mean).square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def batch_norm_by_definition(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None, training: bool, momentum: float, eps: float) -> torch.Tensor:  # noqa: A002
+    """``F.batch_norm`` on the batch's statistics, updating the running ones as it does (unbiased variance)."""
+    dims = (0, *range(2, input.dim()))
+    if running_mean is not None and running_var is not None and training:
+        with torch.no_grad():
+            count = input.numel() // input.shape[1]
+            x = input.detach()
+            running_mean.mul_(1 - momentum).add_(momentum * x.mean(dims))
+            running_var.mul_(1 - momentum).add_(momentum * x.var(dims, correction=1 if count > 1 else 0))
+    return normalized(input, dims, weight, bias, eps)
 
 
 def first_order_by_reverse_mode(f: Callable[[Params], Any], theta0: Params, delta: Params, missing: str) -> list[Any]:
