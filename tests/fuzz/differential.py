@@ -21,7 +21,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import fastntk
-from conftest import assert_kernel_close, reduce_full
+from conftest import assert_kernel_close, reduce_full, rtol
+from fastntk._functional import flatten_output
+from fastntk._inputs import call_model
 
 METHODS = ("jacobian", "vp", "structured", "auto")
 EXACT = METHODS[:3]
@@ -259,6 +261,93 @@ class Checker:
         except Exception as exc:  # noqa: BLE001 - the Gram matrix was computed, so any error is a failure
             self.fail(WrongKernel if isinstance(exc, AssertionError) else Crash, Combo("self_ntk", combo.mode, True, combo.chunk),
                       f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+
+    def check_linearize(self, combo: Combo, degree: int = 1) -> None:
+        """fastntk.taylor_expand(model, degree) (degree 1: linearize) at θ0: the model's outputs and
+        the gradient of a random projection of them in every trainable parameter, against a float64
+        copy of the model (within the dtype's tolerance or ROUNDING_FACTOR times what the model's
+        own rounding moves them, as :meth:`assert_close`), wherever the Jacobian method computes
+        the Gram matrix. A refusal is right only where forward-mode AD is missing (method="vp"
+        refuses too) and the error says so."""
+        if not self.computes(Combo("jacobian", combo.mode, True, combo.chunk)):
+            return
+        name = Combo(f"taylor{degree}", combo.mode, True, combo.chunk)
+        try:
+            expanded = fastntk.taylor_expand(self.model, degree)
+            actual = self.outputs_and_gradient(expanded, expanded.module)
+        except fastntk.ModelError as exc:
+            if not ("forward-mode AD" in str(exc) and self.vp_refuses_all_parameters()):
+                self.fail(BadRefusal, name, f"ModelError at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        except Exception as exc:  # noqa: BLE001 - the model is valid (its Gram matrix was computed)
+            self.fail(Crash, name, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        finally:
+            changed = self.snapshot.differences(self.model, self.x1, self.x2)
+            if changed:
+                self.fail(Mutated, name, "; ".join(changed))
+                self.snapshot = Snapshot(self.model, self.x1, self.x2)
+        copies = {dtype: copy.deepcopy(self.model).to(dtype) for dtype in (torch.float64, torch.float32)}
+        expected, single = (self.outputs_and_gradient(m, m, dtype) for dtype, m in copies.items())
+        for what, a, e, f32 in zip(("outputs", "gradient"), actual, expected, single):
+            error = (a.double() - e).abs().max().item()
+            scale = torch.finfo(self.dtype).eps / torch.finfo(torch.float32).eps
+            allowed = max(rtol(self.dtype) * e.abs().max().item(), ROUNDING_FACTOR * scale * (f32.double() - e).abs().max().item())
+            if error > allowed:
+                self.fail(WrongKernel, name, f"{what} at θ0 differ by {error:.3g} (allowed {allowed:.3g}, max {e.abs().max().item():.3g})")
+
+    def vp_refuses_all_parameters(self) -> bool:
+        """Whether method="vp" refuses the model for lack of forward-mode AD when every trainable
+        parameter counts (the expansions differentiate them all, whatever the selection)."""
+        try:
+            fastntk.ntk(self.model, self.x1, method="vp", mode="trace")
+        except fastntk.ModelError as exc:
+            return "forward-mode AD" in str(exc)
+        return False
+
+    def outputs_and_gradient(self, model: nn.Module, module: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model``'s flattened outputs (N·O,) on x1 (cast to ``dtype``) and the gradient of a fixed
+        random projection of them in ``module``'s trainable parameters, concatenated (missing: 0)."""
+        x = self.x1 if dtype is None else pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, self.x1)
+        out = flatten_output(call_model(model, x), self.n1).reshape(-1)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64).to(out.dtype)
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+        flat = torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None else g.reshape(-1) for p, g in zip(params, grads)])
+        return out.detach(), flat
+
+    def check_nngp(self, combo: Combo) -> None:
+        """fastntk.nngp in the combo's mode, x2 and block of memory against the outputs' products
+        from a float64 copy of the model (tolerance as :meth:`check_linearize`), wherever the
+        Jacobian method computes the Gram matrix."""
+        if not self.computes(Combo("jacobian", combo.mode, True, combo.chunk)):
+            return
+        name = Combo("nngp", combo.mode, combo.gram, combo.chunk)
+        x2 = None if combo.gram else self.x2
+        try:
+            kernel = fastntk.nngp(self.model, self.x1, x2, mode=combo.mode)
+        except Exception as exc:  # noqa: BLE001 - the model is valid, so any error is a failure
+            self.fail(Crash, name, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        changed = self.snapshot.differences(self.model, self.x1, self.x2)
+        if changed:
+            self.fail(Mutated, name, "; ".join(changed))
+            self.snapshot = Snapshot(self.model, self.x1, self.x2)
+
+        def direct(dtype: torch.dtype) -> torch.Tensor:
+            model = copy.deepcopy(self.model).to(dtype)
+            cast = lambda x: pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, x)  # noqa: E731
+            with torch.no_grad():
+                a = flatten_output(call_model(model, cast(self.x1)), self.n1).double()
+                b = a if x2 is None else flatten_output(call_model(model, cast(x2)), pytree.tree_leaves(x2)[0].shape[0]).double()
+            return reduce_full(torch.einsum("na,mb->nmab", a, b), combo.mode)
+
+        expected, single = direct(torch.float64), direct(torch.float32)
+        scale = torch.finfo(self.dtype).eps / torch.finfo(torch.float32).eps
+        error = (kernel.double() - expected).abs().max().item()
+        allowed = max(rtol(self.dtype) * expected.abs().max().item(), ROUNDING_FACTOR * scale * (single - expected).abs().max().item())
+        if kernel.dtype != self.dtype or kernel.shape != expected.shape or error > allowed:
+            self.fail(WrongKernel, name, f"{kernel.dtype} {tuple(kernel.shape)}: differs by {error:.3g} (allowed {allowed:.3g})")
 
     def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, gram: bool, swapped: bool = False) -> None:
         try:
