@@ -231,3 +231,19 @@ def test_monte_carlo_nngp_of_a_wide_relu_layer_is_the_arc_cosine_kernel() -> Non
     exact = arc_cosine(x, x)
     assert (mc.standard_error <= 0.03 * exact.abs().max()).all()
     assert ((mc.mean - exact).abs() <= 6 * mc.standard_error).all(), ((mc.mean - exact) / mc.standard_error)
+
+
+def test_the_guide_examples_run() -> None:
+    """The examples of docs/guide/nngp.md, as written, and what they claim."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "nngp.md").read_text()
+    namespace: dict = {}
+    with torch.random.fork_rng():
+        for code in re.findall(r"```python\n(.*?)```", page, re.S):  # the examples build on each other
+            exec(compile(code, "nngp.md", "exec"), namespace)  # noqa: S102
+    assert namespace["k_out"].shape == (10, 10, 3, 3) and namespace["k_mean"].shape == (5, 10)
+    assert namespace["k_relu"].shape == (10, 10) and namespace["posterior"].mean.shape == (5, 3)
+    assert namespace["z"].abs().max() < 6 and namespace["ntk_mean"].shape == (10, 10)
+
