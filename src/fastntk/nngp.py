@@ -80,14 +80,15 @@ def nngp(
         mode = "full" if layer is None else "trace_mean"
     given = dict(mode=mode, params=lambda name, p: True, dtype=dtype, max_memory=max_memory, check=check)
     options = options_of(given, stacklevel=2)
+    module = None if layer is None or not isinstance(model, nn.Module) else find_layer(model, layer)
     problem = NTKFunction(model, options)._problem(x1, x2)
     f = problem.f
-    module = None if layer is None else find_layer(model, layer)
+    name = "" if module is None else layer_name(model, module)
 
     def features(batch: Batch) -> torch.Tensor:
         if module is None:
             return f(f.primals, batch)
-        return layer_features(module, lambda: f(f.primals, batch), batch_size_of(batch), layer_name(model, module))
+        return layer_features(module, lambda: f(f.primals, batch), batch_size_of(batch), name)
 
     with kernel_context():
         d = features(problem.load(1, 0, 1)).shape[1]
