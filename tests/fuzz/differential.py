@@ -349,6 +349,59 @@ class Checker:
         if kernel.dtype != self.dtype or kernel.shape != expected.shape or error > allowed:
             self.fail(WrongKernel, name, f"{kernel.dtype} {tuple(kernel.shape)}: differs by {error:.3g} (allowed {allowed:.3g})")
 
+    def check_nngp_layer(self, combo: Combo, index: int) -> None:
+        """fastntk.nngp(layer=...) with the model's ``index``-th submodule (mod the count), "trace_mean":
+        φφᵀ/d of its output as a hook of the oracle's own reads it from a float64 copy; or, where
+        that module runs other than once or returns no floating tensor batched on dim 0, a
+        ModelError saying so."""
+        names = [name for name, m in self.model.named_modules() if name and not isinstance(m, nn.ModuleDict)]  # containers never run
+        if not names or not self.computes(Combo("jacobian", combo.mode, True, combo.chunk)):
+            return
+        layer = names[index % len(names)]
+        name = Combo(f"nngp[{layer}]", "trace_mean", combo.gram, combo.chunk)
+        x2 = None if combo.gram else self.x2
+
+        def features(model: nn.Module, x: Any, dtype: torch.dtype) -> torch.Tensor | str:
+            seen: list[Any] = []
+            handle = model.get_submodule(layer).register_forward_hook(lambda m, a, out: seen.append(out))
+            n = pytree.tree_leaves(x)[0].shape[0]
+            with torch.no_grad():
+                call_model(model, pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, x))
+            handle.remove()
+            if len(seen) != 1:
+                return f"ran {len(seen)} times"
+            leaves = [t for t in pytree.tree_leaves(seen[0]) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if not leaves or any(t.dim() == 0 or t.shape[0] != n for t in leaves):
+                return "batched on dim 0"
+            return torch.cat([t.reshape(n, -1) for t in leaves], dim=1).double()
+
+        def direct(dtype: torch.dtype) -> torch.Tensor | str:
+            model = copy.deepcopy(self.model).to(dtype)
+            a = features(model, self.x1, dtype)
+            b = a if x2 is None or isinstance(a, str) else features(model, x2, dtype)
+            return a if isinstance(a, str) else (a @ b.T) / a.shape[1]  # type: ignore[union-attr]
+
+        expected = direct(torch.float64)
+        try:
+            kernel = fastntk.nngp(self.model, self.x1, x2, layer=layer)
+        except fastntk.ModelError as exc:
+            if not (isinstance(expected, str) and expected in str(exc)):
+                self.fail(BadRefusal, name, f"ModelError at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        except Exception as exc:  # noqa: BLE001 - the model is valid, so any other error is a failure
+            self.fail(Crash, name, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        if isinstance(expected, str):
+            self.fail(WrongKernel, name, f"a kernel where the layer {expected}")
+            return
+        single = direct(torch.float32)
+        assert isinstance(single, torch.Tensor)
+        scale = torch.finfo(self.dtype).eps / torch.finfo(torch.float32).eps
+        error = (kernel.double() - expected).abs().max().item()
+        allowed = max(rtol(self.dtype) * expected.abs().max().item(), ROUNDING_FACTOR * scale * (single - expected).abs().max().item())
+        if kernel.shape != expected.shape or error > allowed:
+            self.fail(WrongKernel, name, f"{tuple(kernel.shape)}: differs by {error:.3g} (allowed {allowed:.3g})")
+
     def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, gram: bool, swapped: bool = False) -> None:
         try:
             self.assert_close(kernel, combo.mode, gram, swapped)
