@@ -377,6 +377,9 @@ class Checker:
 
         def direct(dtype: torch.dtype) -> torch.Tensor | str:
             model = copy.deepcopy(self.model).to(dtype)
+            alone = features(model, pytree.tree_map(lambda t: t[:1], self.x1), dtype)  # dim 0 must follow the batch size
+            if isinstance(alone, str):
+                return alone
             a = features(model, self.x1, dtype)
             b = a if x2 is None or isinstance(a, str) else features(model, x2, dtype)
             return a if isinstance(a, str) else (a @ b.T) / a.shape[1]  # type: ignore[union-attr]
