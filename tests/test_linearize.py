@@ -262,3 +262,12 @@ def test_norms_from_their_definition_equal_pytorchs() -> None:
             torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12)
     with norms(), pytest.raises(fastntk.ModelError, match="InstanceNorm with track_running_stats"):
         F.instance_norm(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_a_model_with_nothing_trainable_expands_to_itself(degree: int) -> None:
+    model, x = model_and_inputs("mlp")
+    model.requires_grad_(False)
+    expanded = fastntk.taylor_expand(model, degree)
+    torch.testing.assert_close(call(expanded, x), call(model, x), rtol=0, atol=0)
+    assert not list(expanded.initial())

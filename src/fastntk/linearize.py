@@ -69,6 +69,8 @@ class TaylorExpanded(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         theta0 = self.initial()
+        if not theta0:  # nothing trainable: the expansion is the model
+            return self.module(*args, **kwargs)
         delta = {name: self.module.get_parameter(name) - value for name, value in theta0.items()}
 
         def f(params: Params) -> Any:
