@@ -11,6 +11,9 @@
     analysis / plots / layout                          spectra, ranks, alignments; their plots; 2-D and neural-tangents layouts
     NTKOperator(model, x1, x2=None, ...)               Θ as a matrix-free linear operator (operator.solve / top_eigenvalues / trace_estimate)
     KernelTracker(model, probe_x, *, every=1, ...)     the kernel during training: distance from init, velocity
+    taylor_expand(model, degree)                       the degree-k Taylor expansion in θ as a trainable module
+    nngp(model, x1, x2=None, *, mode=None, layer=None) the empirical NNGP: outputs' or a layer's inner products
+    monte_carlo(kernel, model_factory, x1, ...)        a kernel's mean and standard error over seeded initialisations
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
@@ -18,7 +21,9 @@ from ._errors import FastNTKError, InputError, ModelError, NonFiniteError, Optio
 from . import analysis, layout, operator, plots, predict
 from ._heap import keep_freed_memory
 from .blocks.schedule import Block
-from .linearize import Linearized, linearize
+from .linearize import Linearized, TaylorExpanded, linearize, taylor_expand
+from .monte_carlo import MonteCarloKernel, monte_carlo
+from .nngp import nngp
 from .plan import Plan
 from .reference import reference_ntk
 from .self_kernel import self_ntk
@@ -46,6 +51,11 @@ __all__ = [
     "Linearized",
     "KernelTracker",
     "KernelHistory",
+    "taylor_expand",
+    "TaylorExpanded",
+    "nngp",
+    "monte_carlo",
+    "MonteCarloKernel",
     "Block",
     "reference_ntk",
     "keep_freed_memory",

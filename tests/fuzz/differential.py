@@ -22,6 +22,8 @@ from torch.utils import _pytree as pytree
 
 import fastntk
 from conftest import assert_kernel_close, reduce_full, rtol
+from fastntk._functional import flatten_output
+from fastntk._inputs import call_model
 
 METHODS = ("jacobian", "vp", "structured", "auto")
 EXACT = METHODS[:3]
@@ -308,6 +310,184 @@ class Checker:
         if changed:
             self.fail(Mutated, tracked, "; ".join(changed))
             self.snapshot = Snapshot(self.model, self.x1, self.x2)
+
+    def check_linearize(self, combo: Combo, degree: int = 1) -> None:
+        """fastntk.taylor_expand(model, degree) (degree 1: linearize) at θ0: the model's outputs and
+        the gradient of a random projection of them in every trainable parameter, against a float64
+        copy of the model (within the dtype's tolerance or ROUNDING_FACTOR times what the model's
+        own rounding moves them, as :meth:`assert_close`), wherever the Jacobian method computes
+        the Gram matrix. A refusal is right only where forward-mode AD is missing (method="vp"
+        refuses too) and the error says so."""
+        if not self.computes(Combo("jacobian", combo.mode, True, combo.chunk)):
+            return
+        name = Combo(f"taylor{degree}", combo.mode, True, combo.chunk)
+        try:
+            expanded = fastntk.taylor_expand(self.model, degree)
+            actual = self.outputs_and_gradient(expanded, expanded.module)
+        except fastntk.ModelError as exc:
+            if not ("forward-mode AD" in str(exc) and self.vp_refuses_all_parameters()):
+                self.fail(BadRefusal, name, f"ModelError at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        except Exception as exc:  # noqa: BLE001 - the model is valid (its Gram matrix was computed)
+            self.fail(Crash, name, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        finally:
+            changed = self.snapshot.differences(self.model, self.x1, self.x2)
+            if changed:
+                self.fail(Mutated, name, "; ".join(changed))
+                self.snapshot = Snapshot(self.model, self.x1, self.x2)
+        copies = {dtype: copy.deepcopy(self.model).to(dtype) for dtype in (torch.float64, torch.float32)}
+        expected, single = (self.outputs_and_gradient(m, m, dtype) for dtype, m in copies.items())
+        spread = (0.0, self.forward_reverse_spread(expected[1]))
+        for what, a, e, f32, modes in zip(("outputs", "gradient"), actual, expected, single, spread):
+            if a.shape != e.shape:
+                self.fail(WrongKernel, name, f"{what} at θ0 have shape {tuple(a.shape)}, the model's {tuple(e.shape)}")
+                continue
+            if not e.numel():
+                continue
+            error = (a.double() - e).abs().max().item()
+            scale = torch.finfo(self.dtype).eps / torch.finfo(torch.float32).eps
+            rounding = max(scale * (f32.double() - e).abs().max().item(), modes)
+            allowed = max(rtol(self.dtype) * e.abs().max().item(), ROUNDING_FACTOR * rounding)
+            if error > allowed:
+                self.fail(WrongKernel, name, f"{what} at θ0 differ by {error:.3g} (allowed {allowed:.3g}, max {e.abs().max().item():.3g})")
+
+    def forward_reverse_spread(self, reverse64: torch.Tensor) -> float:
+        """max |Jᵀw by forward mode − by reverse mode| of the model in its own dtype (the expansions
+        transpose forward-mode tangents; where a norm of a few values cancels, the two modes'
+        roundings differ by more than eps-scaling of float32's suggests); 0 where forward mode
+        is missing (the expansion then uses reverse mode too)."""
+        from torch.func import functional_call, jacfwd
+
+        model = copy.deepcopy(self.model)
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        params = {name: model.get_parameter(name).detach() for name in names}
+        n = self.n1
+        if not names:
+            return 0.0
+
+        def outputs(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return flatten_output(call_model(lambda *a, **k: functional_call(model, p, a, k), self.x1), n).reshape(-1)
+
+        try:
+            jacobian = jacfwd(outputs)(params)
+        except (NotImplementedError, RuntimeError):
+            return 0.0
+        weights = torch.randn(n * (outputs(params).numel() // n), generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+        forward = torch.cat([(weights.to(self.dtype) @ jacobian[name].reshape(weights.numel(), -1)).reshape(-1) for name in names])
+        _, own = self.outputs_and_gradient(model, model)
+        return (forward.double() - own.double()).abs().max().item()
+
+    def vp_refuses_all_parameters(self) -> bool:
+        """Whether method="vp" refuses the model for lack of forward-mode AD when every trainable
+        parameter counts (the expansions differentiate them all, whatever the selection)."""
+        try:
+            fastntk.ntk(self.model, self.x1, method="vp", mode="trace")
+        except fastntk.ModelError as exc:
+            return "forward-mode AD" in str(exc)
+        return False
+
+    def outputs_and_gradient(self, model: nn.Module, module: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model``'s flattened outputs (N·O,) on x1 (cast to ``dtype``) and the gradient of a fixed
+        random projection of them in ``module``'s trainable parameters, concatenated (missing: 0)."""
+        x = self.x1 if dtype is None else pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, self.x1)
+        out = flatten_output(call_model(model, x), self.n1).reshape(-1)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64).to(out.dtype)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:  # nothing trainable: no gradient to compare
+            return out.detach(), torch.zeros(0, dtype=out.dtype)
+        grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+        flat = torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None else g.reshape(-1) for p, g in zip(params, grads)])
+        return out.detach(), flat
+
+    def check_nngp(self, combo: Combo) -> None:
+        """fastntk.nngp in the combo's mode, x2 and block of memory against the outputs' products
+        from a float64 copy of the model (tolerance as :meth:`check_linearize`), wherever the
+        Jacobian method computes the Gram matrix."""
+        if not self.computes(Combo("jacobian", combo.mode, True, combo.chunk)):
+            return
+        name = Combo("nngp", combo.mode, combo.gram, combo.chunk)
+        x2 = None if combo.gram else self.x2
+        try:
+            kernel = fastntk.nngp(self.model, self.x1, x2, mode=combo.mode)
+        except Exception as exc:  # noqa: BLE001 - the model is valid, so any error is a failure
+            self.fail(Crash, name, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        changed = self.snapshot.differences(self.model, self.x1, self.x2)
+        if changed:
+            self.fail(Mutated, name, "; ".join(changed))
+            self.snapshot = Snapshot(self.model, self.x1, self.x2)
+
+        def direct(dtype: torch.dtype) -> torch.Tensor:
+            model = copy.deepcopy(self.model).to(dtype)
+            cast = lambda x: pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, x)  # noqa: E731
+            with torch.no_grad():
+                a = flatten_output(call_model(model, cast(self.x1)), self.n1).double()
+                b = a if x2 is None else flatten_output(call_model(model, cast(x2)), pytree.tree_leaves(x2)[0].shape[0]).double()
+            return reduce_full(torch.einsum("na,mb->nmab", a, b), combo.mode)
+
+        expected, single = direct(torch.float64), direct(torch.float32)
+        scale = torch.finfo(self.dtype).eps / torch.finfo(torch.float32).eps
+        error = (kernel.double() - expected).abs().max().item()
+        allowed = max(rtol(self.dtype) * expected.abs().max().item(), ROUNDING_FACTOR * scale * (single - expected).abs().max().item())
+        if kernel.dtype != self.dtype or kernel.shape != expected.shape or error > allowed:
+            self.fail(WrongKernel, name, f"{kernel.dtype} {tuple(kernel.shape)}: differs by {error:.3g} (allowed {allowed:.3g})")
+
+    def check_nngp_layer(self, combo: Combo, index: int) -> None:
+        """fastntk.nngp(layer=...) with the model's ``index``-th submodule (mod the count), "trace_mean":
+        φφᵀ/d of its output as a hook of the oracle's own reads it from a float64 copy; or, where
+        that module runs other than once or returns no floating tensor batched on dim 0, a
+        ModelError saying so."""
+        names = [name for name, m in self.model.named_modules() if name and not isinstance(m, nn.ModuleDict)]  # containers never run
+        if not names or not self.computes(Combo("jacobian", combo.mode, True, combo.chunk)):
+            return
+        layer = names[index % len(names)]
+        name = Combo(f"nngp[{layer}]", "trace_mean", combo.gram, combo.chunk)
+        x2 = None if combo.gram else self.x2
+
+        def features(model: nn.Module, x: Any, dtype: torch.dtype) -> torch.Tensor | str:
+            seen: list[Any] = []
+            handle = model.get_submodule(layer).register_forward_hook(lambda m, a, out: seen.append(out))
+            n = pytree.tree_leaves(x)[0].shape[0]
+            with torch.no_grad():
+                call_model(model, pytree.tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, x))
+            handle.remove()
+            if len(seen) != 1:
+                return f"ran {len(seen)} times"
+            leaves = [t for t in pytree.tree_leaves(seen[0]) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if not leaves or any(t.dim() == 0 or t.shape[0] != n for t in leaves):
+                return "batched on dim 0"
+            return torch.cat([t.reshape(n, -1) for t in leaves], dim=1).double()
+
+        def direct(dtype: torch.dtype) -> torch.Tensor | str:
+            model = copy.deepcopy(self.model).to(dtype)
+            alone = features(model, pytree.tree_map(lambda t: t[:1], self.x1), dtype)  # dim 0 must follow the batch size
+            if isinstance(alone, str):
+                return alone
+            a = features(model, self.x1, dtype)
+            b = a if x2 is None or isinstance(a, str) else features(model, x2, dtype)
+            return a if isinstance(a, str) else (a @ b.T) / a.shape[1]  # type: ignore[union-attr]
+
+        expected = direct(torch.float64)
+        try:
+            kernel = fastntk.nngp(self.model, self.x1, x2, layer=layer)
+        except fastntk.ModelError as exc:
+            if not (isinstance(expected, str) and expected in str(exc)):
+                self.fail(BadRefusal, name, f"ModelError at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        except Exception as exc:  # noqa: BLE001 - the model is valid, so any other error is a failure
+            self.fail(Crash, name, f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
+            return
+        if isinstance(expected, str):
+            self.fail(WrongKernel, name, f"a kernel where the layer {expected}")
+            return
+        single = direct(torch.float32)
+        assert isinstance(single, torch.Tensor)
+        scale = torch.finfo(self.dtype).eps / torch.finfo(torch.float32).eps
+        error = (kernel.double() - expected).abs().max().item()
+        allowed = max(rtol(self.dtype) * expected.abs().max().item(), ROUNDING_FACTOR * scale * (single - expected).abs().max().item())
+        if kernel.shape != expected.shape or error > allowed:
+            self.fail(WrongKernel, name, f"{tuple(kernel.shape)}: differs by {error:.3g} (allowed {allowed:.3g})")
 
     def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, gram: bool, swapped: bool = False) -> None:
         try:

@@ -58,6 +58,9 @@ def check_spec(spec: Spec, dtype: torch.dtype, chosen: list[Combo], reuse: Combo
     checker.check_self(reuse)  # fastntk.self_ntk: the Gram matrix's diagonal, in the reused combo's mode and block size
     checker.check_operator(reuse)  # fastntk.NTKOperator @ v: the kernel laid out 2-D times v, in the reused combo's x2 and block size
     checker.check_tracker(reuse)  # fastntk.KernelTracker: its kernels are the Gram matrix, the model left as it was
+    checker.check_nngp(reuse)  # fastntk.nngp: the outputs' inner products
+    checker.check_nngp_layer(reuse, spec.seed)  # and one submodule's features (or the right refusal)
+    checker.check_linearize(reuse, degree=1 + spec.seed % 2)  # linearize / taylor_expand(2) at θ0: outputs and gradient
     checker.check_reuse(reuse)
     if not LOG:
         checker.raise_first()
