@@ -8,6 +8,8 @@
     predict.kernel_ridge / gradient_descent_mse / gp_inference / max_learning_rate   using a kernel
     linearize(model)                                   f(θ0, x) + J(θ0, x)(θ − θ0) as a trainable module
     self_ntk(model, x, *, mode="full", ...)            K(x_i, x_i) for each sample alone
+    layer_ntk(model, x1, x2=None, *, groups="module")  {group: Θ_g = J_g J_gᵀ}, summing to Θ, in one pass
+    weighted_ntk(model, x1, x2=None, *, weights=...)   J Λ Jᵀ = Σ_g λ_g Θ_g (per-layer prior variances)
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
@@ -19,6 +21,7 @@ from .linearize import Linearized, linearize
 from .plan import Plan
 from .reference import reference_ntk
 from .self_kernel import self_ntk
+from .layer_kernel import layer_ntk, parameter_groups, weighted_ntk
 from .scale import LockedError, ResumeError, gram
 
 from ._version import __version__
@@ -34,6 +37,9 @@ __all__ = [
     "analysis",
     "linearize",
     "self_ntk",
+    "layer_ntk",
+    "weighted_ntk",
+    "parameter_groups",
     "Linearized",
     "Block",
     "reference_ntk",
