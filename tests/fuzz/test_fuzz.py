@@ -56,6 +56,7 @@ def check_spec(spec: Spec, dtype: torch.dtype, chosen: list[Combo], reuse: Combo
     for combo in chosen:
         checker.check(combo)
     checker.check_self(reuse)  # fastntk.self_ntk: the Gram matrix's diagonal, in the reused combo's mode and block size
+    checker.check_layers(chosen[0])  # fastntk.layer_ntk sums to the reference; weighted_ntk is Σ_g λ_g of per-group references
     checker.check_reuse(reuse)
     if not LOG:
         checker.raise_first()
