@@ -261,3 +261,32 @@ def test_reference_jacobian_columns_are_the_groups() -> None:
     model, x1, _ = build("mlp", torch.float64)
     j = reference_jacobian(model, x1)
     assert j.shape[-1] == sum(p.numel() for p in model.parameters())
+
+
+def test_the_guide_examples_run() -> None:
+    """The examples of docs/guide/per-layer.md, as written (they build on each other)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "per-layer.md").read_text()
+    namespace: dict = {}
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(blocks) == 3
+    for code in blocks:
+        exec(compile(code, "per-layer.md", "exec"), namespace)  # noqa: S102
+    assert list(namespace["kernels"]) == ["0", "2"] and namespace["k"].shape == (32, 8)
+    assert list(namespace["per_tensor"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert list(namespace["custom"]) == ["weights", "last bias"]
+    assert abs(sum(namespace["share"].values()) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("function", [fastntk.layer_ntk, fastntk.weighted_ntk], ids=lambda f: f.__name__)
+def test_the_docstring_examples_run(function) -> None:  # noqa: ANN001
+    import doctest
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+        for test in finder.find(function, function.__name__, globs={}):
+            runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0 and runner.summarize(verbose=False).attempted >= 3
