@@ -290,3 +290,13 @@ def test_the_docstring_examples_run(function) -> None:  # noqa: ANN001
         for test in finder.find(function, function.__name__, globs={}):
             runner.run(test)
     assert runner.summarize(verbose=False).failed == 0 and runner.summarize(verbose=False).attempted >= 3
+
+
+@pytest.mark.parametrize("entry", [fastntk.layer_ntk, fastntk.weighted_ntk], ids=lambda f: f.__name__)
+def test_takes_ntks_options_with_its_defaults(entry) -> None:  # noqa: ANN001
+    import inspect
+
+    parameters, reference = inspect.signature(entry).parameters, inspect.signature(fastntk.ntk).parameters
+    for name in ("mode", "method", "params", "dtype", "block_size", "max_memory", "check", "progress"):
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY and parameters[name].default == reference[name].default, name
+    assert parameters["groups"].default == "module"

@@ -19,7 +19,7 @@ from ._functional import ParamSelection, select_parameters
 from ._inputs import all_finite
 from ._options import options_of
 from .blocks.budget import DEFAULT_MAX_MEMORY, format_bytes
-from .blocks.engine import place, run
+from .blocks.engine import place, progress_bar, run
 from .blocks.schedule import Block, all_blocks
 from .methods.base import Kept, KernelMethod
 from .methods.grouped import SPLITTABLE, GroupedMethod
@@ -100,6 +100,7 @@ def layer_ntk(
     block_size: int | None = None,
     max_memory: int | str = DEFAULT_MAX_MEMORY,
     check: bool = True,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     r"""Each parameter group's share of the kernel, Θ_g(x1, x2) = J_g(x1) J_g(x2)ᵀ, in one pass.
 
@@ -123,6 +124,7 @@ def layer_ntk(
         block_size: as for :func:`fastntk.ntk`.
         max_memory: as for :func:`fastntk.ntk`, counting the G kernels held.
         check: as for :func:`fastntk.ntk`.
+        progress: as for :func:`fastntk.ntk`.
 
     Returns:
         Group name -> its kernel (N1, N2, O, O) / (N1, N2) / (N1, N2, O) per ``mode``, in the
@@ -141,7 +143,7 @@ def layer_ntk(
         >>> {name: tuple(k.shape) for name, k in kernels.items()}
         {'0': (5, 5), '2': (5, 5)}
     """
-    given = dict(mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check)
+    given = dict(mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check, progress=progress)
     named = parameter_groups(model, groups, params)
     result = grouped_kernel(model, x1, x2, named, given, None)
     return dict(zip(named, result.unbind(0)))
@@ -161,6 +163,7 @@ def weighted_ntk(
     block_size: int | None = None,
     max_memory: int | str = DEFAULT_MAX_MEMORY,
     check: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     r"""The weighted kernel J Λ Jᵀ = Σ_g λ_g Θ_g, Λ = diag(λ_g on group g's parameters).
 
@@ -183,6 +186,7 @@ def weighted_ntk(
         block_size: as for :func:`fastntk.ntk`.
         max_memory: as for :func:`fastntk.ntk`.
         check: as for :func:`fastntk.ntk`.
+        progress: as for :func:`fastntk.ntk`.
 
     Returns:
         The kernel, shaped per ``mode`` as :func:`fastntk.ntk`'s.
@@ -199,7 +203,7 @@ def weighted_ntk(
         >>> fastntk.weighted_ntk(net, torch.randn(5, 3), weights={"0": 0.5, "2": 2.0}, mode="trace").shape
         torch.Size([5, 5])
     """
-    given = dict(mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check)
+    given = dict(mode=mode, method=method, params=params, dtype=dtype, block_size=block_size, max_memory=max_memory, check=check, progress=progress)
     named = parameter_groups(model, groups, params)
     return grouped_kernel(model, x1, x2, named, given, group_weights(weights, named))
 
@@ -270,8 +274,9 @@ def grouped_kernel(
             for g in range(count):
                 place(result[g], b, value[g], problem.symmetric, mode)
 
-    run(problem.kernel(method).unchecked(), all_blocks(problem.n1, problem.n2, block, problem.symmetric), block,
-        sizing.cache_capacity(method, block), sink, kept=kept)
+    blocks = all_blocks(problem.n1, problem.n2, block, problem.symmetric)
+    with progress_bar(options.progress and len(blocks) > 1, len(blocks)) as bar:
+        run(problem.kernel(method).unchecked(), blocks, block, sizing.cache_capacity(method, block), sink, kept=kept, bar=bar)
     if options.check and not all_finite(result):
         bad = next(iter(name for name, k in zip(named, result if weights is None else [result]) if not all_finite(k)))
         what = "the weighted kernel" if weights is not None else f"the kernel of group {bad!r}"
