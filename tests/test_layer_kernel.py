@@ -256,13 +256,6 @@ def test_takes_what_ntk_takes() -> None:
     assert all(torch.allclose(from_numpy[name], from_dataset[name]) for name in from_numpy)
 
 
-def test_reference_jacobian_columns_are_the_groups() -> None:
-    """The fuzzer's per-group references slice one reference Jacobian by the groups' parameters."""
-    model, x1, _ = build("mlp", torch.float64)
-    j = reference_jacobian(model, x1)
-    assert j.shape[-1] == sum(p.numel() for p in model.parameters())
-
-
 def test_the_guide_examples_run() -> None:
     """The examples of docs/guide/per-layer.md, as written (they build on each other)."""
     import re
@@ -300,3 +293,22 @@ def test_takes_ntks_options_with_its_defaults(entry) -> None:  # noqa: ANN001
     for name in ("mode", "method", "params", "dtype", "block_size", "max_memory", "check", "progress"):
         assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY and parameters[name].default == reference[name].default, name
     assert parameters["groups"].default == "module"
+
+
+def test_blocks_fit_max_memory_with_the_g_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The G kernels and blocks of G values count against max_memory: a budget that holds
+    ntk's blocks whole cuts layer_ntk's (6 groups) into more, and the kernels stay exact."""
+    model, _, _ = build("mlp", torch.float64)
+    x = CASES_BY_NAME["mlp"].draw(40, torch.float64, seed=1)
+    counter = Counter(monkeypatch)
+    options = dict(mode="full", method="jacobian", max_memory="2MB")
+    kernels: dict = {}
+    layers = counter.of(lambda: kernels.update(fastntk.layer_ntk(model, x, groups="parameter", **options)))
+    assert layers > counter.of(lambda: fastntk.ntk(model, x, **options))
+    reference = reference_jacobian(model, x)
+    start = 0
+    for name, kernel in kernels.items():
+        size = dict(model.named_parameters())[name].numel()
+        j = reference[..., start:start + size]
+        start += size
+        assert_kernel_close(kernel, torch.einsum("nap,mbp->nmab", j, j), torch.float64)
