@@ -18,7 +18,8 @@ from ._errors import NonFiniteError, OptionError, SelectionError
 from ._functional import ParamSelection, select_parameters
 from ._inputs import all_finite
 from ._options import options_of
-from .blocks.budget import DEFAULT_MAX_MEMORY, format_bytes
+from ._problem import Problem
+from .blocks.budget import DEFAULT_MAX_MEMORY, Sizing, format_bytes
 from .blocks.engine import place, progress_bar, run
 from .blocks.schedule import Block, all_blocks
 from .methods.base import Kept, KernelMethod
@@ -278,8 +279,10 @@ def grouped_kernel(
     with progress_bar(options.progress and len(blocks) > 1, len(blocks)) as bar:
         run(problem.kernel(method).unchecked(), blocks, block, sizing.cache_capacity(method, block), sink, kept=kept, bar=bar)
     if options.check and not all_finite(result):
-        bad = next(iter(name for name, k in zip(named, result if weights is None else [result]) if not all_finite(k)))
-        what = "the weighted kernel" if weights is not None else f"the kernel of group {bad!r}"
+        if weights is None:
+            what = "the kernel of group " + repr(next(name for name, k in zip(named, result) if not all_finite(k)))
+        else:
+            what = "the weighted kernel"
         raise NonFiniteError(
             f"{what} contains NaN or inf although inputs and parameters are finite: the model's derivatives overflow "
             "or are undefined there; try dtype=torch.float64; the computed kernels are in this error's .kernel",
@@ -288,7 +291,7 @@ def grouped_kernel(
     return result
 
 
-def inner_method(fn: NTKFunction, problem: Any, sizing: Any) -> KernelMethod:
+def inner_method(fn: NTKFunction, problem: Problem, sizing: Sizing) -> KernelMethod:
     """The method whose factors are split: the one asked for, or for "auto" the cheaper of
     "structured" and "jacobian" by the cost model (vp's products cannot be split)."""
     name = fn._options.method
