@@ -1,7 +1,7 @@
 """Per-layer kernels in one pass (``fastntk.layer_ntk``) against G separate ``fastntk.ntk(params=group)`` calls.
 
 Usage: ``.venv/bin/python bench/layer_kernels.py [--threads 2] [--repeats 3] [--out bench/results/layer_kernels.json]``.
-Prints, per workload (an MLP and a CNN, float32, one module group per layer), the median
+Prints, per workload (an MLP and a CNN, float32, one group per layer, or per parameter tensor), the median
 seconds of: one ``ntk`` (the whole kernel), ``layer_ntk`` (G kernels in one pass),
 ``weighted_ntk`` (J Λ Jᵀ in one pass), and G separate ``ntk(params=...)`` calls; the ratio
 separate / one pass; and checks that the one-pass kernels equal the separate ones.
@@ -57,34 +57,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--groups", nargs="*", default=["module", "parameter"], help="groupings to run (G = 4 or 8 here)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    header = f"{'workload':<11}{'G':>3}{'method':>12}{'ntk s':>9}{'layer_ntk s':>13}{'weighted s':>12}{'G x ntk(params) s':>19}{'separate/one pass':>19}{'max rel diff':>14}"
+    header = f"{'workload':<11}{'groups':>10}{'G':>3}{'method':>12}{'ntk s':>9}{'layer_ntk s':>13}{'weighted s':>12}{'G x ntk(params) s':>19}{'separate/one pass':>19}{'max rel diff':>14}"
     print(header)
-    for name in args.workloads:
+    for name, grouping in [(w, g) for w in args.workloads for g in args.groups]:
         build, shape, n, mode = WORKLOADS[name]
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = build().eval()
             x = torch.randn(n, *shape)
-        groups = fastntk.parameter_groups(model)
+        groups = fastntk.parameter_groups(model, grouping)
         weights = dict.fromkeys(groups, 1.0)
         method = fastntk.plan(model, x, mode=mode).chosen
         method = method if method in ("structured", "jacobian") else "structured"
-        options = dict(mode=mode, method=method)
+        options: dict[str, Any] = dict(mode=mode, method=method)
         whole, _ = median_seconds(lambda: fastntk.ntk(model, x, **options), args.repeats)
-        one_pass, kernels = median_seconds(lambda: fastntk.layer_ntk(model, x, **options), args.repeats)
-        weighted, _ = median_seconds(lambda: fastntk.weighted_ntk(model, x, weights=weights, **options), args.repeats)
+        one_pass, kernels = median_seconds(lambda: fastntk.layer_ntk(model, x, groups=grouping, **options), args.repeats)
+        weighted, _ = median_seconds(lambda: fastntk.weighted_ntk(model, x, weights=weights, groups=grouping, **options), args.repeats)
         separate, apart = median_seconds(lambda: {g: fastntk.ntk(model, x, params=p, **options) for g, p in groups.items()}, args.repeats)
         diff = max(((kernels[g].double() - apart[g].double()).abs().max() / apart[g].abs().max()).item() for g in groups)
         row = {
-            "workload": name, "groups": len(groups), "method": method, "n": n, "mode": mode, "ntk_s": whole,
+            "workload": name, "grouping": grouping, "groups": len(groups), "method": method, "n": n, "mode": mode, "ntk_s": whole,
             "layer_ntk_s": one_pass, "weighted_ntk_s": weighted, "separate_s": separate, "ratio": separate / one_pass, "max_rel_diff": diff,
         }
         rows.append(row)
-        print(f"{name:<11}{len(groups):>3}{method:>12}{whole:>9.3f}{one_pass:>13.3f}{weighted:>12.3f}{separate:>19.3f}{separate / one_pass:>19.2f}{diff:>14.2e}")
+        print(f"{name:<11}{grouping:>10}{len(groups):>3}{method:>12}{whole:>9.3f}{one_pass:>13.3f}{weighted:>12.3f}{separate:>19.3f}{separate / one_pass:>19.2f}{diff:>14.2e}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats, "fastntk": fastntk.__version__}

@@ -10,7 +10,9 @@ contraction is kept apart (``layer``: a (G, *block) stack) or weighted and summe
 
 A structured factor whose parameters fall in different groups (a Linear's weight and bias,
 asked for parameter by parameter) is split exactly: the bias's share of the "+ 1" folded into
-the input Gram is its own Jacobian Σ_s g_s.
+the input Gram is its own Jacobian Σ_s g_s. A dense layer (one position) keeps its factor
+whole: its cotangent Gram C is contracted once, the bias's share is C and the weight's
+X ⊙ C (:func:`weight_and_bias_shares`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..reduction import block_shape
+from .._gemm import mm
+from ..reduction import Mode, block_shape
 from .base import KernelMethod
-from .contraction import flat_jacobian
+from .contraction import contract_jacobian_pair, flat_jacobian, keys_gram
 from .structured.factors import Factor, JacobianFactor, PairFactor, RowsPairFactor
 
 Factors = dict[tuple[str, ...], Factor]
@@ -50,6 +53,30 @@ def split_factor(names: tuple[str, ...], factor: Factor, sizes: dict[str, int]) 
             zeros = factor.keys.new_zeros(factor.keys.shape[0], 1, 1)
             return {(weight,): dataclasses.replace(factor, plus_one=False), (bias,): dataclasses.replace(factor, keys=zeros)}
     raise AssertionError(f"unreachable: no exact split of {type(factor).__name__} over {names}")
+
+
+def dense_pair(factor: Factor) -> bool:
+    """Whether a factor is a dense layer's (one position) with its bias folded in: then
+    :func:`weight_and_bias_shares` splits its contraction without a second cotangent Gram."""
+    if isinstance(factor, RowsPairFactor):
+        return factor.plus_one
+    return isinstance(factor, PairFactor) and factor.plus_one and factor.kind == "dot" and factor.cotangents.shape[2] == 1
+
+
+def weight_and_bias_shares(a: Factor, b: Factor, mode: Mode) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight's and the bias's shares of a dense layer's block (factors a and b, see
+    :func:`dense_pair`): from one cotangent Gram C, X ⊙ C and C (X the input Gram)."""
+    if isinstance(a, RowsPairFactor) and isinstance(b, RowsPairFactor) and mode == "trace":
+        bias = mm(a.derivative * a.rows.square().sum(0), b.derivative.T)  # Σ_a ⟨g_a, g'_a⟩, compactly
+        x = keys_gram(a.keys, b.keys, "dot", False, a.derivative.dtype).reshape(bias.shape)
+        return bias * x, bias
+    a, b = (f.materialized() if isinstance(f, RowsPairFactor) else f for f in (a, b))
+    assert isinstance(a, PairFactor) and isinstance(b, PairFactor)
+    n1, o, _, e = a.cotangents.shape
+    n2 = b.cotangents.shape[0]
+    bias = contract_jacobian_pair(a.cotangents.reshape(n1, o, e), b.cotangents.reshape(n2, o, e), mode)
+    x = keys_gram(a.keys, b.keys, "dot", False, a.cotangents.dtype).reshape(n1, n2)
+    return bias * (x if mode == "trace" else x[:, :, None, None] if mode == "full" else x[:, :, None]), bias
 
 
 def factor_samples(factors: Factors) -> int:
@@ -86,8 +113,8 @@ class GroupedMethod(KernelMethod):
             return {(name,): JacobianFactor(flat_jacobian(j)) for name, j in factors.items()}
         out: Factors = {}
         for names, factor in factors.items():
-            if len({self.group_of[name] for name in names}) == 1:
-                out[names] = factor
+            if len({self.group_of[name] for name in names}) == 1 or dense_pair(factor):
+                out[names] = factor  # whole: one group's, or a dense layer's split in the contraction
             else:
                 out.update(split_factor(names, factor, self.sizes))
         return out
@@ -113,11 +140,18 @@ class GroupedMethod(KernelMethod):
         for key, factor in left.items():
             if key not in right:
                 continue  # these parameters do not affect the other block's outputs
-            g = self.group_of[key[0]]
-            if self.weights is None:
-                out[g].add_(factor.contract(right[key], self.mode))  # type: ignore[arg-type]
-            elif self.weights[g] != 0:
-                out.add_(factor.contract(right[key], self.mode), alpha=self.weights[g])  # type: ignore[arg-type]
+            groups = [self.group_of[name] for name in key]
+            if len(set(groups)) > 1:  # a dense layer's weight and bias in different groups
+                shares = zip(groups, weight_and_bias_shares(factor, right[key], self.mode))
+            elif self.weights is None or self.weights[groups[0]] != 0:
+                shares = iter([(groups[0], factor.contract(right[key], self.mode))])  # type: ignore[arg-type]
+            else:
+                continue
+            for g, share in shares:
+                if self.weights is None:
+                    out[g].add_(share)
+                elif self.weights[g] != 0:
+                    out.add_(share, alpha=self.weights[g])
         return out
 
     def bytes_per_sample(self) -> int:
