@@ -1,8 +1,8 @@
 """Per-layer kernels in one pass (``fastntk.layer_ntk``) against G separate ``fastntk.ntk(params=group)`` calls.
 
 Usage: ``.venv/bin/python bench/layer_kernels.py [--threads 2] [--repeats 3] [--out bench/results/layer_kernels.json]``.
-Prints, per workload (an MLP and a CNN, float32, one group per layer, or per parameter tensor), the median
-seconds of: one ``ntk`` (the whole kernel), ``layer_ntk`` (G kernels in one pass),
+Prints, per workload (an MLP and a CNN, float32, one group per layer, or per parameter tensor), the best
+of the repeats' seconds (the calls interleaved) of: one ``ntk`` (the whole kernel), ``layer_ntk`` (G kernels in one pass),
 ``weighted_ntk`` (J Λ Jᵀ in one pass), and G separate ``ntk(params=...)`` calls; the ratio
 separate / one pass; and checks that the one-pass kernels equal the separate ones.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,20 +35,23 @@ def cnn() -> nn.Module:
 WORKLOADS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, str]] = {
     # name: (model, sample shape, N, mode)
     "mlp-trace": (mlp, (64,), 512, "trace"),
-    "mlp-full": (mlp, (64,), 128, "full"),
+    "mlp-full": (mlp, (64,), 256, "full"),
     "cnn-trace": (cnn, (3, 16, 16), 256, "trace"),
-    "cnn-full": (cnn, (3, 16, 16), 64, "full"),
+    "cnn-full": (cnn, (3, 16, 16), 128, "full"),
 }
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    result = fn()  # warm-up (calibration, oneDNN primitives)
-    times = []
+def best_seconds(calls: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """The fastest of ``repeats`` timed runs of each call (after one warm-up each), the calls
+    interleaved so that a busy spell of a shared machine slows all of them alike; and their results."""
+    results = {name: call() for name, call in calls.items()}  # warm-up (calibration, oneDNN primitives)
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, call in calls.items():
+            start = time.perf_counter()
+            results[name] = call()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}, results
 
 
 def main() -> None:
@@ -75,10 +77,14 @@ def main() -> None:
         method = fastntk.plan(model, x, mode=mode).chosen
         method = method if method in ("structured", "jacobian") else "structured"
         options: dict[str, Any] = dict(mode=mode, method=method)
-        whole, _ = median_seconds(lambda: fastntk.ntk(model, x, **options), args.repeats)
-        one_pass, kernels = median_seconds(lambda: fastntk.layer_ntk(model, x, groups=grouping, **options), args.repeats)
-        weighted, _ = median_seconds(lambda: fastntk.weighted_ntk(model, x, weights=weights, groups=grouping, **options), args.repeats)
-        separate, apart = median_seconds(lambda: {g: fastntk.ntk(model, x, params=p, **options) for g, p in groups.items()}, args.repeats)
+        seconds, results = best_seconds({
+            "ntk": lambda: fastntk.ntk(model, x, **options),
+            "layer_ntk": lambda: fastntk.layer_ntk(model, x, groups=grouping, **options),
+            "weighted_ntk": lambda: fastntk.weighted_ntk(model, x, weights=weights, groups=grouping, **options),
+            "separate": lambda: {g: fastntk.ntk(model, x, params=p, **options) for g, p in groups.items()},
+        }, args.repeats)
+        whole, one_pass, weighted, separate = (seconds[k] for k in ("ntk", "layer_ntk", "weighted_ntk", "separate"))
+        kernels, apart = results["layer_ntk"], results["separate"]
         diff = max(((kernels[g].double() - apart[g].double()).abs().max() / apart[g].abs().max()).item() for g in groups)
         row = {
             "workload": name, "grouping": grouping, "groups": len(groups), "method": method, "n": n, "mode": mode, "ntk_s": whole,

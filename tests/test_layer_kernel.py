@@ -312,3 +312,19 @@ def test_blocks_fit_max_memory_with_the_g_kernels(monkeypatch: pytest.MonkeyPatc
         j = reference[..., start:start + size]
         start += size
         assert_kernel_close(kernel, torch.einsum("nap,mbp->nmab", j, j), torch.float64)
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def test_a_group_that_does_not_affect_the_outputs_is_zero(method: str) -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.used(x))
+
+    model, x = Unused().double(), torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kernels = fastntk.layer_ntk(model, x, mode="full", method=method)
+    assert torch.equal(kernels["unused"], torch.zeros(4, 4, 2, 2, dtype=torch.float64))
+    assert_kernel_close(kernels["used"], fastntk.reference_ntk(model, x), torch.float64)

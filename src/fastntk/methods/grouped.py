@@ -134,9 +134,10 @@ class GroupedMethod(KernelMethod):
         shape = block_shape(self.mode, factor_samples(left), factor_samples(right), self.num_outputs)
         dtype, device = self.f.dtype, self.f.device
         if self.weights is None:
-            out = torch.zeros((self.count, *shape), dtype=dtype, device=device)
+            out = torch.empty((self.count, *shape), dtype=dtype, device=device)  # each group's first share is copied in
         else:
             out = torch.zeros(shape, dtype=dtype, device=device)
+        filled: set[int] = set()
         for key, factor in left.items():
             if key not in right:
                 continue  # these parameters do not affect the other block's outputs
@@ -149,9 +150,16 @@ class GroupedMethod(KernelMethod):
                 continue
             for g, share in shares:
                 if self.weights is None:
-                    out[g].add_(share)
+                    if g in filled:
+                        out[g].add_(share)
+                    else:
+                        out[g].copy_(share)
+                        filled.add(g)
                 elif self.weights[g] != 0:
                     out.add_(share, alpha=self.weights[g])
+        if self.weights is None:
+            for g in set(range(self.count)) - filled:
+                out[g].zero_()  # no parameter of group g affects these outputs
         return out
 
     def bytes_per_sample(self) -> int:
