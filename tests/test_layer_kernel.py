@@ -328,3 +328,46 @@ def test_a_group_that_does_not_affect_the_outputs_is_zero(method: str) -> None:
     kernels = fastntk.layer_ntk(model, x, mode="full", method=method)
     assert torch.equal(kernels["unused"], torch.zeros(4, 4, 2, 2, dtype=torch.float64))
     assert_kernel_close(kernels["used"], fastntk.reference_ntk(model, x), torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("kind", ["dense", "positions", "rows", "rows_and_positions"])
+def test_a_weight_and_bias_factor_splits_exactly(kind: str, mode: str) -> None:
+    """A Linear's factor with its bias folded in (X + 1), split into the weight's share (X) and
+    the bias's (its Jacobian Σ_s g_s), against the dense per-sample Jacobians of both."""
+    from fastntk.methods.grouped import GroupedMethod
+    from fastntk.methods.structured.factors import PairFactor, RowsPairFactor
+
+    g = torch.Generator().manual_seed(0)
+    n, o, d, e = 3, 2, 4, 5
+
+    def pair(s: int) -> PairFactor:
+        return PairFactor(torch.randn(n, s, d, generator=g, dtype=torch.float64), torch.randn(n, o, s, e, generator=g, dtype=torch.float64), "dot", True)
+
+    def rows() -> RowsPairFactor:
+        return RowsPairFactor(torch.randn(n, 1, d, generator=g, dtype=torch.float64), torch.randn(n, e, generator=g, dtype=torch.float64),
+                              torch.randn(o, e, generator=g, dtype=torch.float64), True)
+
+    shared_rows = torch.randn(o, e, generator=g, dtype=torch.float64)
+    a, b = {
+        "dense": (pair(1), pair(1)),
+        "positions": (pair(3), pair(2)),
+        "rows": (rows(), rows()),
+        "rows_and_positions": (rows(), pair(2)),
+    }[kind]
+    if kind == "rows":  # both sides' rows are the output layer's
+        a, b = (RowsPairFactor(f.keys, f.derivative, shared_rows, True) for f in (a, b))
+
+    def jacobians(f) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - (N, O, e·d) weight and (N, O, e) bias Jacobians
+        f = f.materialized() if isinstance(f, RowsPairFactor) else f
+        return torch.einsum("nase,nsd->naed", f.cotangents, f.keys).flatten(2), f.cotangents.sum(2)
+
+    from types import SimpleNamespace
+
+    f = SimpleNamespace(primals={"w": torch.zeros(e, d), "b": torch.zeros(e)}, dtype=torch.float64, device=torch.device("cpu"))
+    inner = SimpleNamespace(name="structured", f=f, mode=mode, num_outputs=o, calibration=None, symmetric_factors=True, sides_with_factors=2)
+    method = GroupedMethod(inner, {"w": 0, "b": 1}, 2)  # type: ignore[arg-type]
+    shares = dict(method.shares(("w", "b"), a, b))
+    for group, (left, right) in enumerate(zip(jacobians(a), jacobians(b))):
+        expected = reduce_full(torch.einsum("nap,mbp->nmab", left, right), mode)
+        assert_kernel_close(shares[group], expected, torch.float64)

@@ -9,7 +9,7 @@ contraction is kept apart (``layer``: a (G, *block) stack) or weighted and summe
 (its products run over all parameters at once), so it cannot split a kernel.
 
 A structured factor whose parameters fall in different groups (a Linear's weight and bias,
-asked for parameter by parameter) is split exactly: the bias's share of the "+ 1" folded into
+asked for parameter by parameter) is split exactly, in the contraction: the bias's share of the "+ 1" folded into
 the input Gram is its own Jacobian Σ_s g_s. A dense layer (one position) keeps its factor
 whole: its cotangent Gram C is contracted once, the bias's share is C and the weight's
 X ⊙ C (:func:`weight_and_bias_shares`).
@@ -26,7 +26,7 @@ from .._gemm import mm
 from ..reduction import Mode, block_shape
 from .base import KernelMethod
 from .contraction import contract_jacobian_pair, flat_jacobian, keys_gram
-from .structured.factors import Factor, JacobianFactor, PairFactor, RowsPairFactor
+from .structured.factors import Factor, JacobianFactor, PairFactor, RowsPairFactor, as_pair
 
 Factors = dict[tuple[str, ...], Factor]
 
@@ -38,20 +38,17 @@ def split_factor(names: tuple[str, ...], factor: Factor, sizes: dict[str, int]) 
     """One factor of the parameters ``names`` as one factor per parameter, exactly.
 
     A Jacobian (N, O, Σ p) is cut along its parameters (in the order of ``names``); a layer's
-    input/cotangent pair with its bias folded in (``plus_one``, names (weight, bias)) becomes
-    the weight's pair without the "+ 1" and the bias's Jacobian Σ_s g_s (for the compact
-    RowsPairFactor, the same pair with zero keys, so that its Gram is the "+ 1" alone).
+    input/cotangent pair with its bias folded in (``plus_one``, names (weight, bias); a compact
+    RowsPairFactor with its cotangents formed) becomes the weight's pair without the "+ 1" and
+    the bias's Jacobian Σ_s g_s.
     """
     if isinstance(factor, JacobianFactor):
         parts = torch.split(factor.jacobian, [sizes[name] for name in names], dim=2)
         return {(name,): JacobianFactor(part) for name, part in zip(names, parts)}
-    if len(names) == 2 and factor.plus_one:
+    factor = as_pair(factor)
+    if len(names) == 2 and isinstance(factor, PairFactor) and factor.plus_one:
         weight, bias = names
-        if isinstance(factor, PairFactor):
-            return {(weight,): dataclasses.replace(factor, plus_one=False), (bias,): JacobianFactor(factor.cotangents.sum(2))}
-        if isinstance(factor, RowsPairFactor):
-            zeros = factor.keys.new_zeros(factor.keys.shape[0], 1, 1)
-            return {(weight,): dataclasses.replace(factor, plus_one=False), (bias,): dataclasses.replace(factor, keys=zeros)}
+        return {(weight,): dataclasses.replace(factor, plus_one=False), (bias,): JacobianFactor(factor.cotangents.sum(2))}
     raise AssertionError(f"unreachable: no exact split of {type(factor).__name__} over {names}")
 
 
@@ -108,16 +105,23 @@ class GroupedMethod(KernelMethod):
         self.sizes = {name: p.numel() for name, p in inner.f.primals.items()}
 
     def grouped(self, factors: Any) -> Factors:
-        """The inner method's factors of a block, keyed so that each key lies in one group."""
+        """The inner method's factors of a block, keyed by tuples of parameter names (a key whose
+        parameters fall in different groups is split in :meth:`contract`)."""
         if self.inner.name == "jacobian":
             return {(name,): JacobianFactor(flat_jacobian(j)) for name, j in factors.items()}
-        out: Factors = {}
-        for names, factor in factors.items():
-            if len({self.group_of[name] for name in names}) == 1 or dense_pair(factor):
-                out[names] = factor  # whole: one group's, or a dense layer's split in the contraction
-            else:
-                out.update(split_factor(names, factor, self.sizes))
-        return out
+        return factors
+
+    def shares(self, key: tuple[str, ...], a: Factor, b: Factor) -> list[tuple[int, torch.Tensor]]:
+        """(group, share of the block) of the parameters ``key`` from their factors a and b."""
+        groups = [self.group_of[name] for name in key]
+        if len(set(groups)) == 1:
+            if self.weights is not None and self.weights[groups[0]] == 0:
+                return []
+            return [(groups[0], a.contract(b, self.mode))]  # type: ignore[arg-type]
+        if dense_pair(a) and dense_pair(b):
+            return list(zip(groups, weight_and_bias_shares(a, b, self.mode)))
+        parts_a, parts_b = split_factor(key, a, self.sizes), split_factor(key, b, self.sizes)
+        return [(self.group_of[k[0]], part.contract(parts_b[k], self.mode)) for k, part in parts_a.items()]  # type: ignore[arg-type]
 
     def left(self, x: Any) -> Factors:
         return self.grouped(self.inner.left(x))
@@ -141,14 +145,7 @@ class GroupedMethod(KernelMethod):
         for key, factor in left.items():
             if key not in right:
                 continue  # these parameters do not affect the other block's outputs
-            groups = [self.group_of[name] for name in key]
-            if len(set(groups)) > 1:  # a dense layer's weight and bias in different groups
-                shares = zip(groups, weight_and_bias_shares(factor, right[key], self.mode))
-            elif self.weights is None or self.weights[groups[0]] != 0:
-                shares = iter([(groups[0], factor.contract(right[key], self.mode))])  # type: ignore[arg-type]
-            else:
-                continue
-            for g, share in shares:
+            for g, share in self.shares(key, factor, right[key]):
                 if self.weights is None:
                     if g in filled:
                         out[g].add_(share)
