@@ -14,6 +14,8 @@
     taylor_expand(model, degree)                       the degree-k Taylor expansion in θ as a trainable module
     nngp(model, x1, x2=None, *, mode=None, layer=None) the empirical NNGP: outputs' or a layer's inner products
     monte_carlo(kernel, model_factory, x1, ...)        a kernel's mean and standard error over seeded initialisations
+    layer_ntk(model, x1, x2=None, *, groups="module")  {group: Θ_g = J_g J_gᵀ}, summing to Θ, in one pass
+    weighted_ntk(model, x1, x2=None, *, weights=...)   J Λ Jᵀ = Σ_g λ_g Θ_g (per-layer prior variances)
 """
 
 from ._api import NTKFunction, ntk, ntk_fn, plan
@@ -29,6 +31,7 @@ from .reference import reference_ntk
 from .self_kernel import self_ntk
 from .operator import NTKOperator
 from .tracking import KernelHistory, KernelTracker
+from .layer_kernel import layer_ntk, parameter_groups, weighted_ntk
 from .scale import LockedError, ResumeError, gram
 
 from ._version import __version__
@@ -48,6 +51,9 @@ __all__ = [
     "self_ntk",
     "NTKOperator",
     "operator",
+    "layer_ntk",
+    "weighted_ntk",
+    "parameter_groups",
     "Linearized",
     "KernelTracker",
     "KernelHistory",

@@ -22,8 +22,9 @@ from torch.utils import _pytree as pytree
 
 import fastntk
 from conftest import assert_kernel_close, reduce_full, rtol
-from fastntk._functional import flatten_output
+from fastntk._functional import flatten_output, select_parameters
 from fastntk._inputs import call_model
+from fastntk.reference import reference_jacobian
 
 METHODS = ("jacobian", "vp", "structured", "auto")
 EXACT = METHODS[:3]
@@ -488,6 +489,50 @@ class Checker:
         allowed = max(rtol(self.dtype) * expected.abs().max().item(), ROUNDING_FACTOR * scale * (single - expected).abs().max().item())
         if kernel.shape != expected.shape or error > allowed:
             self.fail(WrongKernel, name, f"{tuple(kernel.shape)}: differs by {error:.3g} (allowed {allowed:.3g})")
+
+    def group_references(self, gram: bool) -> dict[str, torch.Tensor]:
+        """Each module group's float64 reference kernel (full mode), from one reference Jacobian per
+        side sliced by the group's parameters (their columns, in ``params`` order)."""
+        names = select_parameters(self.model, self.params)
+        sizes = dict(self.model.named_parameters())
+        columns, start = {}, 0
+        for name in names:
+            columns[name] = torch.arange(start, start + sizes[name].numel())
+            start += sizes[name].numel()
+        j1 = reference_jacobian(self.model, self.x1, self.params)
+        j2 = j1 if gram else reference_jacobian(self.model, self.x2, self.params)
+        groups = fastntk.parameter_groups(self.model, "module", self.params)
+        out = {}
+        for group, params in groups.items():
+            index = torch.cat([columns[name] for name in params])
+            out[group] = torch.einsum("nap,mbp->nmab", j1[..., index], j2[..., index])
+        return out
+
+    def check_layers(self, combo: Combo) -> None:
+        """fastntk.layer_ntk (per module) summing to the reference, and fastntk.weighted_ntk
+        matching Σ_g λ_g of the per-group references, in the combo's mode, x2 and block size,
+        wherever the Jacobian method computes the kernel ("vp" combos run "auto")."""
+        if not self.computes(Combo("jacobian", combo.mode, combo.gram, combo.chunk)):
+            return
+        method = combo.method if combo.method in ("jacobian", "structured") else "auto"
+        x2 = None if combo.gram else self.x2
+        options = dict(mode=combo.mode, method=method, params=self.params, block_size=combo.block_size(self.n1))
+        try:
+            kernels = fastntk.layer_ntk(self.model, self.x1, x2, **options)
+            self.assert_close(sum(kernels.values()), combo.mode, combo.gram)
+            references = self.group_references(combo.gram)
+            weights = {group: 0.5 + g for g, group in enumerate(references)}
+            kernel = fastntk.weighted_ntk(self.model, self.x1, x2, weights=weights, **options)
+            expected = sum(w * reduce_full(references[group], combo.mode) for group, w in weights.items())
+            try:
+                assert_kernel_close(kernel, expected, self.dtype)
+            except AssertionError:  # within what the model's own rounding moves the kernel, weighted by the largest λ
+                rounding = max(weights.values()) * reduce_full(self.rounding(combo.gram), combo.mode).max().item()
+                if (kernel.double() - expected).abs().max().item() > ROUNDING_FACTOR * rounding:
+                    raise
+        except Exception as exc:  # noqa: BLE001 - the kernel was computed, so any error is a failure
+            self.fail(WrongKernel if isinstance(exc, AssertionError) else Crash, Combo("layer_ntk", combo.mode, combo.gram, combo.chunk),
+                      f"{type(exc).__name__} at {where(exc)}: {str(exc).splitlines()[0][:200]}")
 
     def compare_reuse(self, combo: Combo, what: str, kernel: torch.Tensor, gram: bool, swapped: bool = False) -> None:
         try:
