@@ -190,6 +190,7 @@ def test_ops_with_neither_forward_mode_nor_double_backward_are_refused_naming_th
     assert fastntk.ntk(model, x, method="jacobian").shape == (3, 3, 2, 2)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning")
 def test_models_that_cannot_be_copied_are_refused_with_the_fix() -> None:
     model = nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 4)))
     with pytest.raises(fastntk.ModelError, match="cannot be copied.*parametrizations.weight_norm"):

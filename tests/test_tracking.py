@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,12 +305,12 @@ def test_the_docstring_example_runs() -> None:
     assert doctest.testmod(tracking, raise_on_error=False).failed == 0
 
 
-def test_the_guide_example_runs() -> None:
-    """The example of docs/guide/training.md, as written."""
+def test_the_guide_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example of docs/guide/training.md, as written (its figure written into a temporary folder)."""
     import re
-    from pathlib import Path
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "training.md").read_text()
+    monkeypatch.chdir(tmp_path)
     codes = re.findall(r"```python\n(.*?)```", page, re.S)
     assert codes
     namespace: dict = {}
@@ -318,3 +319,4 @@ def test_the_guide_example_runs() -> None:
     assert namespace["history"].steps == list(range(0, 101, 10))
     assert namespace["record"]["velocity"][0] is None and 0 < namespace["history"].distance[-1] < 1
     assert not namespace["tracker"].attached
+    assert (tmp_path / "kernel_during_training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
