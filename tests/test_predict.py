@@ -170,3 +170,21 @@ def test_the_guide_example_runs() -> None:
         exec(compile(code, "predict.md", "exec"), namespace)  # noqa: S102
     assert namespace["f_test"].shape == (5, 3) and namespace["mean"].shape == (5, 3)
     assert isinstance(namespace["lin"], fastntk.Linearized) and namespace["variances"].shape == (5,)
+
+
+@pytest.mark.parametrize("t", [1e3, 1e9, 1e11])
+def test_gradient_descent_mse_is_exact_for_small_eigenvalues_at_any_time(t: float) -> None:
+    """Regression: eigenvalues below √eps·λ_max used the small-t limit η·t/|Y| of (1 − e^{−ηλt/|Y|})/λ
+    at every t, so test predictions grew without bound once ηλt/|Y| was no longer small."""
+    from scipy.linalg import expm
+
+    generator = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=generator))[0]
+    theta = q @ torch.diag(torch.tensor([1.0, 0.5, 1e-9], dtype=torch.float64)) @ q.T  # condition number 2e9
+    cross = torch.randn(2, 3, dtype=torch.float64, generator=generator)
+    y = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    decay = expm(-theta.numpy() * t / 3)  # learning rate 1, |Y| = 3
+    expected_train = y.numpy() - decay @ y.numpy()
+    expected_test = cross.numpy() @ np.linalg.solve(theta.numpy(), (np.eye(3) - decay) @ y.numpy())
+    f_train, f_test = predict.gradient_descent_mse(theta, y)(t, k_test_train=cross)
+    assert close(f_train, torch.from_numpy(expected_train), 1e-6) and close(f_test, torch.from_numpy(expected_test), 1e-6)

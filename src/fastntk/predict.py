@@ -224,7 +224,8 @@ def gradient_descent_mse(
     On the training points f_t = Y + e^{−ηΘt/|Y|}(f_0 − Y); on test points
     f_t(x) = f_0(x) + Θ(x, X) Θ⁻¹ (I − e^{−ηΘt/|Y|}) (Y − f_0), with Θ = K(X, X) + ridge·I, by
     one eigendecomposition (made here, reused by every call). t = ∞ gives the kernel
-    regression solution (Θ must then be nonsingular on the test side).
+    regression solution, with Θ's eigenvalues below √eps·λ_max (eps of float64) taken as 0
+    (a pseudo-inverse: the residual's components along them keep their value at t = 0).
 
     Args:
         k_train_train: Θ(X, X), (N, N, O, O) or (N, N).
@@ -262,7 +263,8 @@ def gradient_descent_mse(
             gain = torch.where(null, torch.zeros_like(values), 1 / values.clamp(min=1e-300))
         else:
             decay = torch.exp(-rate * values * t)
-            gain = torch.where(null, torch.full_like(values, rate * t), -torch.expm1(-rate * values * t) / values.clamp(min=1e-300))
+            positive = values > 0  # (1 − e^{−rλt}) / λ, exact for every λ > 0; its limit r·t at λ = 0
+            gain = torch.where(positive, -torch.expm1(-rate * values * t) / values.clamp(min=1e-300), torch.full_like(values, rate * t))
         f_train = system.back(targets + vectors @ (decay[:, None] * residual), y)
         if k_test_train is None:
             return f_train, None
