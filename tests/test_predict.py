@@ -188,3 +188,16 @@ def test_gradient_descent_mse_is_exact_for_small_eigenvalues_at_any_time(t: floa
     expected_test = cross.numpy() @ np.linalg.solve(theta.numpy(), (np.eye(3) - decay) @ y.numpy())
     f_train, f_test = predict.gradient_descent_mse(theta, y)(t, k_test_train=cross)
     assert close(f_train, torch.from_numpy(expected_train), 1e-6) and close(f_test, torch.from_numpy(expected_test), 1e-6)
+
+
+def test_numpy_scalars_are_numbers(problem: dict) -> None:
+    """Regression: t = np.int64(5) (from np.arange), np.float32 learning rates and ridges were refused
+    with "give a time >= 0" / "give a positive number"."""
+    p = problem
+    expected = predict.gradient_descent_mse(p["k"], p["y"], learning_rate=0.5, ridge=0.25)(5.0, p["f0"])[0]
+    flow = predict.gradient_descent_mse(p["k"], p["y"], learning_rate=np.float32(0.5), ridge=np.float32(0.25))
+    for t in (np.int64(5), np.float32(5.0), np.arange(10)[5]):
+        assert close(flow(t, p["f0"])[0], expected)
+    assert close(predict.kernel_ridge(p["k"], p["y"], ridge=np.float32(0.25)), predict.kernel_ridge(p["k"], p["y"], ridge=0.25))
+    with pytest.raises(fastntk.InputError, match=r"t=.*: give a number >= 0"):
+        flow(torch.tensor(5.0))

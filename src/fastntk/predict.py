@@ -18,6 +18,7 @@ rate η moves the training outputs as df/dt = −(η / |Y|) Θ (f − Y).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -89,8 +90,9 @@ def _matrix(k: torch.Tensor, name: str, square: bool) -> tuple[torch.Tensor, int
 
 
 def _train_system(k_train_train: Array, ridge: float) -> _System:
-    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+    if not (isinstance(ridge, numbers.Real) and math.isfinite(ridge) and ridge >= 0):
         raise InputError(f"ridge={ridge!r}: give a finite number >= 0 (added to the kernel's diagonal)")
+    ridge = float(ridge)
     matrix, outputs = _matrix(_tensor(k_train_train, "k_train_train"), "k_train_train", square=True)
     matrix = _symmetric(matrix, "k_train_train", "K(x_train, x_train) itself, e.g. fastntk.ntk(model, x_train)")
     if ridge:
@@ -242,8 +244,9 @@ def gradient_descent_mse(
         KernelError: a kernel that is not symmetric or not positive semi-definite (with its
             smallest eigenvalue).
     """
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0 and math.isfinite(learning_rate)):
+    if not (isinstance(learning_rate, numbers.Real) and learning_rate > 0 and math.isfinite(learning_rate)):
         raise InputError(f"learning_rate={learning_rate!r}: give a positive number")
+    learning_rate = float(learning_rate)
     system = _train_system(k_train_train, ridge)
     y = _tensor(y_train, "y_train")
     n = system.matrix.shape[0] // (system.outputs or 1)
@@ -254,8 +257,9 @@ def gradient_descent_mse(
     null = values <= math.sqrt(torch.finfo(torch.float64).eps) * max(top, 1e-300)
 
     def predict(t: float, f0_train: Array | None = None, f0_test: Array | None = None, k_test_train: Array | None = None):
-        if not (isinstance(t, (int, float)) and t >= 0):
-            raise InputError(f"t={t!r}: give a time >= 0 (math.inf for the end of training)")
+        if not (isinstance(t, numbers.Real) and t >= 0):
+            raise InputError(f"t={t!r}: give a number >= 0, the time (math.inf for the end of training)")
+        t = float(t)
         f0 = torch.zeros_like(targets) if f0_train is None else system.rows(_tensor(f0_train, "f0_train"), "f0_train", n)
         residual = vectors.T @ (f0 - targets)  # in the eigenbasis
         if math.isinf(t):
