@@ -196,9 +196,20 @@ def gp_inference(
     mean = K_*X (K_XX + ridge·I)⁻¹ Y; covariance = K_** − K_*X (K_XX + ridge·I)⁻¹ K_X* (when
     ``k_test_test`` is given; ridge is the observation noise variance).
 
+    Args:
+        k_train_train: K(X, X), (N, N, O, O) or (N, N).
+        y_train: targets (N, O), or (N,) with a traced kernel.
+        k_test_train: K(x_test, X), same mode.
+        k_test_test: K(x_test, x_test), same mode, or None for the mean only.
+        ridge: the observation noise variance, added to the kernel's diagonal.
+
     Returns:
         :class:`Gaussian`: mean (N_test, O) or (N_test,); covariance (N_test, N_test, O, O) for
         full kernels, (N_test, N_test) for traced ones, or None.
+
+    Raises:
+        KernelError: a kernel that is not symmetric or is singular (with its smallest eigenvalue
+            and condition number); InputError: shapes that do not match.
     """
     system = _train_system(k_train_train, ridge)
     y = _tensor(y_train, "y_train")
@@ -291,6 +302,12 @@ def max_learning_rate(k_train_train: Array, *, y_train_size: int | None = None, 
         y_train_size: |Y|, the number of target entries (default: the kernel's rows, N·O for a
             full kernel, N for a traced one).
         momentum: the optimiser's momentum.
+
+    Returns:
+        The learning rate η, a float.
+
+    Raises:
+        KernelError: a kernel that is not symmetric, or has no positive eigenvalue.
     """
     system = _train_system(k_train_train, 0.0)
     largest = float(torch.linalg.eigvalsh(system.matrix)[-1])
