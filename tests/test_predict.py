@@ -201,3 +201,18 @@ def test_numpy_scalars_are_numbers(problem: dict) -> None:
     assert close(predict.kernel_ridge(p["k"], p["y"], ridge=np.float32(0.25)), predict.kernel_ridge(p["k"], p["y"], ridge=0.25))
     with pytest.raises(fastntk.InputError, match=r"t=.*: give a number >= 0"):
         flow(torch.tensor(5.0))
+
+
+def test_solves_refuse_a_kernel_that_is_not_psd_as_such() -> None:
+    """Regression: kernel_ridge and gp_inference called a clearly indefinite kernel singular and
+    suggested a ridge of 1e-6·λ_max, which cannot make it positive definite."""
+    k, y = torch.diag(torch.tensor([1.0, 2.0, -1.0])), torch.randn(3)
+    for solve in (lambda: predict.kernel_ridge(k, y), lambda: predict.gp_inference(k, y, k[:1])):
+        with pytest.raises(predict.KernelError, match=r"not positive semi-definite: smallest eigenvalue -1, largest 2"):
+            solve()
+    # negative only by rounding (within the PSD tolerance): singular, and the suggested ridge does make it solvable
+    slightly = torch.diag(torch.tensor([1.0, 2.0, -1e-5], dtype=torch.float64))
+    with pytest.raises(predict.KernelError, match=r"singular .*ridge=") as refused:
+        predict.kernel_ridge(slightly, y)
+    suggested = float(str(refused.value).split("ridge=")[-1].split(",")[0])
+    assert predict.kernel_ridge(slightly, y, ridge=suggested).shape == (3,)

@@ -143,12 +143,14 @@ def _solver(system: _System) -> Callable[[torch.Tensor], torch.Tensor]:
         if condition < 1 / torch.finfo(torch.float64).eps:
             return lambda b: torch.cholesky_solve(b, factor)
     values = torch.linalg.eigvalsh(system.matrix)
+    _nonnegative(values, "k_train_train (+ ridge)", ", or pass a ridge larger than minus its smallest eigenvalue")
     smallest, largest = float(values[0]), float(values[-1])
     condition = largest / smallest if smallest > 0 else math.inf
+    suggested = max(max(largest, 1e-300) * 1e-6, -10 * smallest)
     raise KernelError(
         f"k_train_train (+ ridge) is singular or too ill-conditioned to solve with: smallest eigenvalue {smallest:.4g}, "
-        f"largest {largest:.4g}, condition number {condition:.3g}; pass ridge > 0 (e.g. ridge={max(largest, 1e-300) * 1e-6:.2g}, "
-        "1e-6 of the largest eigenvalue)"
+        f"largest {largest:.4g}, condition number {condition:.3g}; pass ridge > 0 (e.g. ridge={suggested:.2g}, "
+        "1e-6 of the largest eigenvalue or 10 times minus the smallest, whichever is larger)"
     )
 
 
