@@ -130,7 +130,7 @@ def _nonnegative(values: torch.Tensor, name: str, fix: str) -> torch.Tensor:
 def _spectrum(system: _System) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of the train kernel, refused when clearly not PSD."""
     values, vectors = torch.linalg.eigh(system.matrix)
-    return _nonnegative(values, "k_train_train", ", or pass ridge > 0"), vectors
+    return _nonnegative(values, "k_train_train", ", or pass a ridge larger than minus its smallest eigenvalue"), vectors
 
 
 def _solver(system: _System) -> Callable[[torch.Tensor], torch.Tensor]:
