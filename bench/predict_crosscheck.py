@@ -48,7 +48,7 @@ def ours(path: Path) -> dict[str, np.ndarray]:
             arrays |= {f"ours_gd_{key}_{t}_train": train, f"ours_gd_{key}_{t}_test": test}
         posterior = predict.gp_inference(k, y, k_test, k_tt, ridge=1e-2)
         arrays |= {f"ours_gp_{key}_mean": posterior.mean, f"ours_gp_{key}_cov": posterior.covariance}
-        arrays[f"ours_lr_{key}"] = torch.tensor(predict.max_learning_rate(k, y_train_size=y.numel()))
+        arrays[f"ours_lr_{key}"] = torch.tensor(predict.max_learning_rate(k, y_train_size=y.numel()), dtype=torch.float64)
     np.savez(path, **{name: value.numpy() for name, value in arrays.items()})
     return arrays
 

@@ -24,8 +24,10 @@ def test_kernel_distance_hand_cases():
 
 
 def test_kernel_distance_refuses_mismatched_shapes():
-    with pytest.raises(ValueError, match="same samples"):
+    with pytest.raises(fastntk.InputError, match="same samples"):  # fastntk's error class (a ValueError)
         analysis.kernel_distance(torch.eye(2), torch.eye(3))
+    with pytest.raises(fastntk.InputError, match="a kernel is zero"):
+        analysis.kernel_distance(torch.eye(2), torch.zeros(2, 2))
 
 
 # ---------------------------------------------------------------------------- spectra and ranks

@@ -137,3 +137,13 @@ def test_neural_tangents_default_trace_is_trace_mean() -> None:
         layout.from_neural_tangents(torch.ones(2, 2, 3, 4))
     with pytest.raises(fastntk.InputError, match="has 4 entries but the kernel O = 3"):
         layout.to_neural_tangents(full, (2, 2))
+
+
+def test_numpy_integers_are_output_counts() -> None:
+    """Regression: O as a numpy integer (e.g. from an array of shapes) was refused as not an integer."""
+    k = torch.arange(36.0).reshape(3, 3, 2, 2)
+    matrix = layout.to_matrix(k)
+    assert torch.equal(layout.from_matrix(matrix, np.int64(2)), k)
+    assert torch.equal(layout.from_vector(layout.to_vector(k[0, 0]), np.int64(2)), k[0, 0])
+    with pytest.raises(fastntk.InputError, match="an integer >= 1"):
+        layout.from_vector(layout.to_vector(k[0, 0]), 2.0)

@@ -142,7 +142,7 @@ def test_kernels_written_by_gram_are_accepted(problem: dict, tmp_path) -> None:
 
 def test_bad_kernels_are_refused_with_what_is_wrong() -> None:
     y = torch.randn(3)
-    with pytest.raises(predict.KernelError, match=r"not positive semi-definite: smallest eigenvalue -1"):
+    with pytest.raises(predict.KernelError, match=r"not positive semi-definite: smallest eigenvalue -1.*a ridge larger than minus"):
         predict.gradient_descent_mse(torch.diag(torch.tensor([1.0, 2.0, -1.0])), y)
     with pytest.raises(predict.KernelError, match=r"singular .*smallest eigenvalue 0.*condition number inf.*ridge"):
         predict.kernel_ridge(torch.diag(torch.tensor([1.0, 2.0, 0.0])), y)
@@ -170,3 +170,49 @@ def test_the_guide_example_runs() -> None:
         exec(compile(code, "predict.md", "exec"), namespace)  # noqa: S102
     assert namespace["f_test"].shape == (5, 3) and namespace["mean"].shape == (5, 3)
     assert isinstance(namespace["lin"], fastntk.Linearized) and namespace["variances"].shape == (5,)
+
+
+@pytest.mark.parametrize("t", [1e3, 1e9, 1e11])
+def test_gradient_descent_mse_is_exact_for_small_eigenvalues_at_any_time(t: float) -> None:
+    """Regression: eigenvalues below √eps·λ_max used the small-t limit η·t/|Y| of (1 − e^{−ηλt/|Y|})/λ
+    at every t, so test predictions grew without bound once ηλt/|Y| was no longer small."""
+    from scipy.linalg import expm
+
+    generator = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=generator))[0]
+    theta = q @ torch.diag(torch.tensor([1.0, 0.5, 1e-9], dtype=torch.float64)) @ q.T  # condition number 2e9
+    cross = torch.randn(2, 3, dtype=torch.float64, generator=generator)
+    y = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    decay = expm(-theta.numpy() * t / 3)  # learning rate 1, |Y| = 3
+    expected_train = y.numpy() - decay @ y.numpy()
+    expected_test = cross.numpy() @ np.linalg.solve(theta.numpy(), (np.eye(3) - decay) @ y.numpy())
+    f_train, f_test = predict.gradient_descent_mse(theta, y)(t, k_test_train=cross)
+    assert close(f_train, torch.from_numpy(expected_train), 1e-6) and close(f_test, torch.from_numpy(expected_test), 1e-6)
+
+
+def test_numpy_scalars_are_numbers(problem: dict) -> None:
+    """Regression: t = np.int64(5) (from np.arange), np.float32 learning rates and ridges were refused
+    with "give a time >= 0" / "give a positive number"."""
+    p = problem
+    expected = predict.gradient_descent_mse(p["k"], p["y"], learning_rate=0.5, ridge=0.25)(5.0, p["f0"])[0]
+    flow = predict.gradient_descent_mse(p["k"], p["y"], learning_rate=np.float32(0.5), ridge=np.float32(0.25))
+    for t in (np.int64(5), np.float32(5.0), np.arange(10)[5]):
+        assert close(flow(t, p["f0"])[0], expected)
+    assert close(predict.kernel_ridge(p["k"], p["y"], ridge=np.float32(0.25)), predict.kernel_ridge(p["k"], p["y"], ridge=0.25))
+    with pytest.raises(fastntk.InputError, match=r"t=.*: give a number >= 0"):
+        flow(torch.tensor(5.0))
+
+
+def test_solves_refuse_a_kernel_that_is_not_psd_as_such() -> None:
+    """Regression: kernel_ridge and gp_inference called a clearly indefinite kernel singular and
+    suggested a ridge of 1e-6·λ_max, which cannot make it positive definite."""
+    k, y = torch.diag(torch.tensor([1.0, 2.0, -1.0])), torch.randn(3)
+    for solve in (lambda: predict.kernel_ridge(k, y), lambda: predict.gp_inference(k, y, k[:1])):
+        with pytest.raises(predict.KernelError, match=r"not positive semi-definite: smallest eigenvalue -1, largest 2"):
+            solve()
+    # negative only by rounding (within the PSD tolerance): singular, and the suggested ridge does make it solvable
+    slightly = torch.diag(torch.tensor([1.0, 2.0, -1e-5], dtype=torch.float64))
+    with pytest.raises(predict.KernelError, match=r"singular .*ridge=") as refused:
+        predict.kernel_ridge(slightly, y)
+    suggested = float(str(refused.value).split("ridge=")[-1].split(",")[0])
+    assert predict.kernel_ridge(slightly, y, ridge=suggested).shape == (3,)

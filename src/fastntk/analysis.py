@@ -252,6 +252,9 @@ def kernel_distance(a: Array, b: Array) -> float:
     Returns:
         The distance, a Python float.
 
+    Raises:
+        InputError: kernels of different shapes, or a zero kernel.
+
     Example:
         >>> import torch, fastntk
         >>> k = torch.eye(3)
@@ -260,10 +263,10 @@ def kernel_distance(a: Array, b: Array) -> float:
     """
     x, y = _tensor(a, "a"), _tensor(b, "b")
     if x.shape != y.shape:
-        raise ValueError(f"the kernels have shapes {tuple(x.shape)} and {tuple(y.shape)}: compare kernels of the same samples and mode")
+        raise InputError(f"the kernels have shapes {tuple(x.shape)} and {tuple(y.shape)}: compare kernels of the same samples and mode")
     norms = torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y)
     if norms == 0:
-        raise ValueError("a kernel is zero: its distance to another kernel is undefined")
+        raise InputError("a kernel is zero: its distance to another kernel is undefined")
     return max(0.0, float(1.0 - (x * y).sum() / norms))
 
 

@@ -27,6 +27,7 @@ same kind, with the same dtype (it reorders entries, it computes nothing).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -118,8 +119,9 @@ def from_matrix(matrix: Array, outputs: int) -> torch.Tensor | np.ndarray:
         InputError: a matrix that is not 2-D, or whose sides are not multiples of O.
     """
     m = _array(matrix, "matrix")
-    if not (isinstance(outputs, int) and outputs >= 1):
+    if not (isinstance(outputs, numbers.Integral) and outputs >= 1):
         raise InputError(f"outputs={outputs!r}: give the number of outputs O, an integer >= 1")
+    outputs = int(outputs)
     if m.ndim != 2 or m.shape[0] % outputs or m.shape[1] % outputs:
         raise InputError(f"matrix has shape {tuple(m.shape)}: give a 2-D matrix (N1·O, N2·O) with O = {outputs}")
     rows, columns = m.shape[0] // outputs, m.shape[1] // outputs
@@ -159,8 +161,9 @@ def from_vector(vector: Array, outputs: int) -> torch.Tensor | np.ndarray:
         InputError: a vector that is not 1-D or whose length is not a multiple of O.
     """
     v = _array(vector, "vector")
-    if not (isinstance(outputs, int) and outputs >= 1):
+    if not (isinstance(outputs, numbers.Integral) and outputs >= 1):
         raise InputError(f"outputs={outputs!r}: give the number of outputs O, an integer >= 1")
+    outputs = int(outputs)
     if v.ndim != 1 or v.shape[0] % outputs:
         raise InputError(f"vector has shape {tuple(v.shape)}: give a 1-D vector (N·O,) with O = {outputs}")
     return v.reshape(-1, outputs)

@@ -18,6 +18,7 @@ rate η moves the training outputs as df/dt = −(η / |Y|) Θ (f − Y).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -89,8 +90,9 @@ def _matrix(k: torch.Tensor, name: str, square: bool) -> tuple[torch.Tensor, int
 
 
 def _train_system(k_train_train: Array, ridge: float) -> _System:
-    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+    if not (isinstance(ridge, numbers.Real) and math.isfinite(ridge) and ridge >= 0):
         raise InputError(f"ridge={ridge!r}: give a finite number >= 0 (added to the kernel's diagonal)")
+    ridge = float(ridge)
     matrix, outputs = _matrix(_tensor(k_train_train, "k_train_train"), "k_train_train", square=True)
     matrix = _symmetric(matrix, "k_train_train", "K(x_train, x_train) itself, e.g. fastntk.ntk(model, x_train)")
     if ridge:
@@ -128,7 +130,7 @@ def _nonnegative(values: torch.Tensor, name: str, fix: str) -> torch.Tensor:
 def _spectrum(system: _System) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of the train kernel, refused when clearly not PSD."""
     values, vectors = torch.linalg.eigh(system.matrix)
-    return _nonnegative(values, "k_train_train", ", or pass ridge > 0"), vectors
+    return _nonnegative(values, "k_train_train", ", or pass a ridge larger than minus its smallest eigenvalue"), vectors
 
 
 def _solver(system: _System) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -141,12 +143,14 @@ def _solver(system: _System) -> Callable[[torch.Tensor], torch.Tensor]:
         if condition < 1 / torch.finfo(torch.float64).eps:
             return lambda b: torch.cholesky_solve(b, factor)
     values = torch.linalg.eigvalsh(system.matrix)
+    _nonnegative(values, "k_train_train (+ ridge)", ", or pass a ridge larger than minus its smallest eigenvalue")
     smallest, largest = float(values[0]), float(values[-1])
     condition = largest / smallest if smallest > 0 else math.inf
+    suggested = max(max(largest, 1e-300) * 1e-6, -10 * smallest)
     raise KernelError(
         f"k_train_train (+ ridge) is singular or too ill-conditioned to solve with: smallest eigenvalue {smallest:.4g}, "
-        f"largest {largest:.4g}, condition number {condition:.3g}; pass ridge > 0 (e.g. ridge={max(largest, 1e-300) * 1e-6:.2g}, "
-        "1e-6 of the largest eigenvalue)"
+        f"largest {largest:.4g}, condition number {condition:.3g}; pass ridge > 0 (e.g. ridge={suggested:.2g}, "
+        "1e-6 of the largest eigenvalue or 10 times minus the smallest, whichever is larger)"
     )
 
 
@@ -194,9 +198,20 @@ def gp_inference(
     mean = K_*X (K_XX + ridge·I)⁻¹ Y; covariance = K_** − K_*X (K_XX + ridge·I)⁻¹ K_X* (when
     ``k_test_test`` is given; ridge is the observation noise variance).
 
+    Args:
+        k_train_train: K(X, X), (N, N, O, O) or (N, N).
+        y_train: targets (N, O), or (N,) with a traced kernel.
+        k_test_train: K(x_test, X), same mode.
+        k_test_test: K(x_test, x_test), same mode, or None for the mean only.
+        ridge: the observation noise variance, added to the kernel's diagonal.
+
     Returns:
         :class:`Gaussian`: mean (N_test, O) or (N_test,); covariance (N_test, N_test, O, O) for
         full kernels, (N_test, N_test) for traced ones, or None.
+
+    Raises:
+        KernelError: a kernel that is not symmetric or is singular (with its smallest eigenvalue
+            and condition number); InputError: shapes that do not match.
     """
     system = _train_system(k_train_train, ridge)
     y = _tensor(y_train, "y_train")
@@ -224,7 +239,8 @@ def gradient_descent_mse(
     On the training points f_t = Y + e^{−ηΘt/|Y|}(f_0 − Y); on test points
     f_t(x) = f_0(x) + Θ(x, X) Θ⁻¹ (I − e^{−ηΘt/|Y|}) (Y − f_0), with Θ = K(X, X) + ridge·I, by
     one eigendecomposition (made here, reused by every call). t = ∞ gives the kernel
-    regression solution (Θ must then be nonsingular on the test side).
+    regression solution, with Θ's eigenvalues below √eps·λ_max (eps of float64) taken as 0
+    (a pseudo-inverse: the residual's components along them keep their value at t = 0).
 
     Args:
         k_train_train: Θ(X, X), (N, N, O, O) or (N, N).
@@ -241,8 +257,9 @@ def gradient_descent_mse(
         KernelError: a kernel that is not symmetric or not positive semi-definite (with its
             smallest eigenvalue).
     """
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0 and math.isfinite(learning_rate)):
+    if not (isinstance(learning_rate, numbers.Real) and learning_rate > 0 and math.isfinite(learning_rate)):
         raise InputError(f"learning_rate={learning_rate!r}: give a positive number")
+    learning_rate = float(learning_rate)
     system = _train_system(k_train_train, ridge)
     y = _tensor(y_train, "y_train")
     n = system.matrix.shape[0] // (system.outputs or 1)
@@ -253,8 +270,9 @@ def gradient_descent_mse(
     null = values <= math.sqrt(torch.finfo(torch.float64).eps) * max(top, 1e-300)
 
     def predict(t: float, f0_train: Array | None = None, f0_test: Array | None = None, k_test_train: Array | None = None):
-        if not (isinstance(t, (int, float)) and t >= 0):
-            raise InputError(f"t={t!r}: give a time >= 0 (math.inf for the end of training)")
+        if not (isinstance(t, numbers.Real) and t >= 0):
+            raise InputError(f"t={t!r}: give a number >= 0, the time (math.inf for the end of training)")
+        t = float(t)
         f0 = torch.zeros_like(targets) if f0_train is None else system.rows(_tensor(f0_train, "f0_train"), "f0_train", n)
         residual = vectors.T @ (f0 - targets)  # in the eigenbasis
         if math.isinf(t):
@@ -262,7 +280,8 @@ def gradient_descent_mse(
             gain = torch.where(null, torch.zeros_like(values), 1 / values.clamp(min=1e-300))
         else:
             decay = torch.exp(-rate * values * t)
-            gain = torch.where(null, torch.full_like(values, rate * t), -torch.expm1(-rate * values * t) / values.clamp(min=1e-300))
+            positive = values > 0  # (1 − e^{−rλt}) / λ, exact for every λ > 0; its limit r·t at λ = 0
+            gain = torch.where(positive, -torch.expm1(-rate * values * t) / values.clamp(min=1e-300), torch.full_like(values, rate * t))
         f_train = system.back(targets + vectors @ (decay[:, None] * residual), y)
         if k_test_train is None:
             return f_train, None
@@ -285,6 +304,12 @@ def max_learning_rate(k_train_train: Array, *, y_train_size: int | None = None, 
         y_train_size: |Y|, the number of target entries (default: the kernel's rows, N·O for a
             full kernel, N for a traced one).
         momentum: the optimiser's momentum.
+
+    Returns:
+        The learning rate η, a float.
+
+    Raises:
+        KernelError: a kernel that is not symmetric, or has no positive eigenvalue.
     """
     system = _train_system(k_train_train, 0.0)
     largest = float(torch.linalg.eigvalsh(system.matrix)[-1])

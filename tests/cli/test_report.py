@@ -115,3 +115,28 @@ def test_report_is_listed_in_help(capsys) -> None:
     assert "report" in capsys.readouterr().out
     assert cli.main(["report", "--help"]) == 0
     assert "--targets" in capsys.readouterr().out
+
+
+def test_report_trusts_a_gram_record_only_for_the_complete_kernel_it_describes(files: dict, tmp_path, capsys) -> None:
+    """Regression: an interrupted ``fastntk gram`` (blocks never written: zeros) was reported like a
+    finished one, and a record left next to a file written over since named the old mode."""
+    x = str(files["root"] / "x.npy")
+    for name in ("part", "over", "other"):
+        assert cli.main(["gram", "--x1", x, "--mode", "trace", "--block-size", "2", "--out", str(tmp_path / f"{name}.npy"), "--quiet"]) == 0
+    capsys.readouterr()
+    journal = tmp_path / "part.npy.blocks" / "rank-0.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:-1]))  # the run stopped before its last block
+    kernel = np.load(tmp_path / "part.npy", mmap_mode="r+")
+    kernel[4:, 4:] = 0
+    kernel.flush()
+    del kernel
+    assert report(files, str(tmp_path / "part.npy"), "--no-plot") == 2
+    assert "is incomplete" in capsys.readouterr().err
+    trace = np.load(tmp_path / "over.npy")
+    np.save(tmp_path / "over.npy", trace / 10)  # e.g. fastntk compute --mode trace_mean --out over.npy: same shape
+    np.save(tmp_path / "other.npy", np.ones((N, N, 2, 2), dtype=np.float32) + np.eye(N * 2).reshape(N, 2, N, 2).transpose(0, 2, 1, 3))
+    for name in ("over", "other"):
+        assert report(files, str(tmp_path / f"{name}.npy"), "--no-plot") == 0
+        printed = capsys.readouterr().out
+        assert "recorded by fastntk gram" not in printed and "(from the shape" in printed

@@ -5,6 +5,7 @@ heatmap and spectrum (:func:`fastntk.plots.overview`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 from .. import analysis, plots
 from .._version import __version__
+from ..blocks.schedule import Block
 from ..scale import store
 from .errors import PROG, CLIError
 from .loading import load_batch
@@ -71,15 +73,37 @@ def load_kernel(spec: str) -> Any:
     return kernel
 
 
+def recorded_mode(path: Path, kernel: Any) -> str | None:
+    """The mode in the record ``fastntk gram`` keeps next to ``path``, if that record describes
+    this file: same shape and dtype, every journaled block's bytes still with their CRC. Raises
+    CLIError when it does but its blocks do not cover the kernel (a run interrupted or running)."""
+    try:
+        meta = store.read_meta(path) or {}
+        shape, dtype, symmetric = tuple(meta["shape"]), np.dtype(meta["dtype"]), bool(meta.get("symmetric"))
+    except Exception:  # not a Gram record: the shape tells what it can
+        return None
+    if shape != tuple(kernel.shape) or dtype != kernel.dtype:
+        return None  # the record of another kernel, written over since
+    entries, layout = store.read_journals(path)[0], store.Layout(path, shape, dtype)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rects = {e.rect for e in entries if layout.crc(fd, store.rects_of(*e.rect, symmetric)) == e.crc}
+    finally:
+        os.close(fd)
+    if any(e.rect not in rects for e in entries):
+        return None  # bytes changed since fastntk gram wrote them: not its kernel any more
+    whole = Block(0, 0, (0, shape[0]), (0, shape[1]))
+    if not store.covered([m for rect in rects for m in store.rects_of(*rect, symmetric)], [whole], shape):
+        raise CLIError(
+            f"KERNEL {path} is incomplete: fastntk gram has not written all of its blocks (a run interrupted or still "
+            "running); rerun the same fastntk gram command, which resumes it"
+        )
+    return meta.get("fingerprint", {}).get("settings", {}).get("mode")
+
+
 def mode_of(kernel: Any, spec: str) -> str:
     """The mode: from the record ``fastntk gram`` keeps next to its output, else from the shape."""
-    written = None
-    if Path(spec).suffix.lower() == ".npy":
-        try:
-            meta = store.read_meta(Path(spec)) or {}
-        except Exception:  # not a Gram record: the shape tells what it can
-            meta = {}
-        written = meta.get("fingerprint", {}).get("settings", {}).get("mode")
+    written = recorded_mode(Path(spec), kernel) if Path(spec).suffix.lower() == ".npy" else None
     shape = tuple(kernel.shape)
     if written is not None:
         return f"{written} (recorded by fastntk gram)"
