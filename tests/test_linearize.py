@@ -272,3 +272,25 @@ def test_a_model_with_nothing_trainable_expands_to_itself(degree: int) -> None:
     expanded = fastntk.taylor_expand(model, degree)
     torch.testing.assert_close(call(expanded, x), call(model, x), rtol=0, atol=0)
     assert not list(expanded.initial())
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_outputs_with_leaves_that_are_not_floating_tensors(degree: int) -> None:
+    """A Hugging Face GPT-2 returns a ModelOutput with a key/value cache (not a tensor) beside its
+    logits, and fastntk.ntk takes it: the expansion expands the floating tensors (the logits), and
+    passes the other leaves through as the model computed them at θ0."""
+    transformers = pytest.importorskip("transformers", reason="needs the test extra: pip install -e .[test]")
+    config = transformers.GPT2Config(vocab_size=7, n_embd=8, n_layer=1, n_head=2, n_positions=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    x = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(1))
+    expanded = fastntk.taylor_expand(model, degree)
+    out, exp_out = model(x), expanded(x)
+    assert type(exp_out) is type(out) and exp_out.past_key_values is not None
+    torch.testing.assert_close(exp_out.logits, out.logits, rtol=1e-12, atol=1e-12)
+    w = torch.randn(out.logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out.logits * w).sum(), trained)
+    exp_grads = torch.autograd.grad((exp_out.logits * w).sum(), [p for p in expanded.module.parameters() if p.requires_grad])
+    for g, h in zip(grads, exp_grads):
+        torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-12)
