@@ -294,3 +294,23 @@ def test_outputs_with_leaves_that_are_not_floating_tensors(degree: int) -> None:
     exp_grads = torch.autograd.grad((exp_out.logits * w).sum(), [p for p in expanded.module.parameters() if p.requires_grad])
     for g, h in zip(grads, exp_grads):
         torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_batchnorm_in_training_mode_normalises_by_the_batch_and_updates_its_statistics(degree: int) -> None:
+    """A model in training mode (how a network with BatchNorm trains): at θ0 the expansion is the
+    model, normalising by the batch's statistics, and its copy's running statistics advance as
+    the model's do on the same batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expanded = fastntk.taylor_expand(model, degree)
+    assert expanded.training
+    lin_out = expanded(x)
+    out = model(x)
+    torch.testing.assert_close(lin_out, out, rtol=1e-12, atol=1e-12)
+    for name, b in model.named_buffers():
+        actual = expanded.module.get_buffer(name)
+        assert type(actual) is torch.Tensor and not actual.requires_grad
+        torch.testing.assert_close(actual, b, rtol=1e-12, atol=1e-12)
+    assert int(expanded.module[1].num_batches_tracked) == 1

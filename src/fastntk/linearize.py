@@ -32,7 +32,8 @@ class TaylorExpanded(nn.Module):
     forward-mode passes (``torch.func.jvp`` of ``jvp``: about 2^k forward passes' work, no
     Jacobian or Hessian formed); gradients with respect to θ flow through them, so any
     optimiser trains it like the model itself. Buffers (e.g. BatchNorm statistics) and
-    train/eval mode are the copy's. The floating tensors of the output are expanded; its other
+    train/eval mode are the copy's; in training mode, BatchNorm normalises by the batch's
+    statistics at θ0 and updates the copy's running statistics with them. The floating tensors of the output are expanded; its other
     leaves (a Hugging Face key/value cache, integer tensors) are passed through as computed at θ0.
 
     Models with an operation that has no forward-mode derivative (e.g. ``weight_norm``'s
@@ -74,10 +75,15 @@ class TaylorExpanded(nn.Module):
             return self.module(*args, **kwargs)
         delta = {name: self.module.get_parameter(name) - value for name, value in theta0.items()}
         structure: list[Any] = []  # the output's leaves and spec, as the innermost pass at θ0 computed them
+        # a module in training mode may update its buffers (BatchNorm's statistics): the transforms refuse
+        # in-place updates of captured tensors, so the pass updates copies made inside it, copied back after
+        buffers = dict(self.module.named_buffers()) if any(m.training for m in self.module.modules()) else {}
+        updated: dict[str, torch.Tensor] = {}
 
         def f(params: Params) -> tuple[torch.Tensor, ...]:
             """The output's floating tensors (what is expanded); caches, integers and the like aside."""
-            leaves, spec = pytree.tree_flatten(functional_call(self.module, params, args, kwargs))
+            updated.update({name: b.clone() for name, b in buffers.items()})
+            leaves, spec = pytree.tree_flatten(functional_call(self.module, {**params, **updated}, args, kwargs))
             structure[:] = [leaves, spec]
             return tuple(t for t in leaves if expandable(t))
 
@@ -95,6 +101,9 @@ class TaylorExpanded(nn.Module):
                 terms = None
         if terms is None:
             terms = first_order_by_reverse_mode(f, theta0, delta, missing)
+        with torch.no_grad():
+            for name, b in buffers.items():
+                b.copy_(unwrapped(updated[name]))
         summed = iter([sum(term[i] / math.factorial(j) for j, term in enumerate(terms)) for i in range(len(terms[0]))])
         leaves, spec = structure
         return pytree.tree_unflatten([next(summed) if expandable(t) else unwrapped(t) for t in leaves], spec)
