@@ -320,3 +320,15 @@ def test_the_guide_example_runs() -> None:
     assert blocks
     namespace: dict[str, object] = {}
     exec(compile("\n".join(blocks), "operator.md", "exec"), namespace)  # noqa: S102 - our own docs
+
+
+def test_a_vector_with_nan_or_inf_is_refused_as_such() -> None:
+    """The product of a non-finite v is not the model's overflow: the error names v."""
+    model, x1, _, _ = built("mlp", torch.float64, True)
+    op = NTKOperator(model, x1)
+    for bad in (float("nan"), float("inf")):
+        v = torch.ones(15, dtype=torch.float64)
+        v[3] = bad
+        with pytest.raises(fastntk.NonFiniteError, match=r"v holds NaN or inf"):
+            op @ v
+    assert (NTKOperator(model, x1, check=False) @ v).isnan().any()

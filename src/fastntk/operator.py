@@ -150,7 +150,7 @@ class NTKOperator:
 
         Raises:
             InputError: v not a floating tensor of one of those shapes.
-            NonFiniteError: a product that is NaN or inf (with ``check``).
+            NonFiniteError: v, or a product, that is NaN or inf (with ``check``).
         """
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             raise InputError(f"NTKOperator @ v needs a floating torch.Tensor, got {type(v).__name__}: for numpy arrays use op.to_scipy()")
@@ -161,6 +161,8 @@ class NTKOperator:
                 f"so give ({n},) or ({n}, K)"
             )
         matrix = v.detach().to(self.device, self.dtype).reshape(n, -1)
+        if self._problem.options.check and not all_finite(matrix):
+            raise NonFiniteError(f"v holds NaN or inf (in {self.dtype}): Θ v would too; give a finite vector")
         out = self._matmat(matrix)
         if self._problem.options.check and not all_finite(out):
             raise NonFiniteError("Θ v contains NaN or inf although v, the inputs and the parameters are finite: the model's derivatives overflow; try dtype=torch.float64")
