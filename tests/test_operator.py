@@ -332,3 +332,13 @@ def test_a_vector_with_nan_or_inf_is_refused_as_such() -> None:
         with pytest.raises(fastntk.NonFiniteError, match=r"v holds NaN or inf"):
             op @ v
     assert (NTKOperator(model, x1, check=False) @ v).isnan().any()
+
+
+def test_numpy_integers_are_whole_numbers_for_the_solvers() -> None:
+    """k, matvecs and maxiter from numpy (e.g. np.arange, a config array) count as the ints they are."""
+    model, x = tiny()
+    op = NTKOperator(model, x[:6])
+    assert torch.equal(top_eigenvalues(op, np.int64(2)), top_eigenvalues(op, 2))
+    assert trace_estimate(op, np.int64(6), seed=1) == trace_estimate(op, 6, seed=1)
+    y = torch.ones(6, 1, dtype=torch.float64)
+    assert torch.equal(solve(op, y, ridge=1e-2, maxiter=np.int64(50)).alpha, solve(op, y, ridge=1e-2, maxiter=50).alpha)
