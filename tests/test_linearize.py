@@ -59,8 +59,13 @@ def test_is_the_first_order_taylor_expansion(case: str) -> None:
 
 def test_trains_like_a_module_and_stays_linear() -> None:
     """SGD on the linearised MLP: the loss falls, and the outputs stay affine in θ (the Taylor expansion)."""
+    from fastntk.reference import reference_jacobian
+
     model, x = model_and_inputs("mlp")
+    model[0].bias.requires_grad_(False)  # a frozen parameter: neither trained nor expanded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     lin = fastntk.linearize(model)
+    theta0 = [p.detach().clone() for p in lin.module.parameters()]
     y = torch.randn(call(model, x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     optimiser = torch.optim.SGD(lin.parameters(), lr=0.05)
     losses = []
@@ -73,6 +78,16 @@ def test_trains_like_a_module_and_stays_linear() -> None:
     assert losses[-1] < 0.5 * losses[0]
     assert [name for name, _ in lin.named_buffers() if name.startswith("initial_")]  # θ0 kept, not trained
     assert all(not b.requires_grad for b in lin.initial().values())
+    trainable = [p.requires_grad for p in lin.module.parameters()]
+    for p, p0, moved in zip(lin.module.parameters(), theta0, trainable):
+        assert torch.equal(p, p0) != moved  # the trainable parameters moved, the frozen one did not
+    assert all(torch.equal(b, p0) for b, p0 in zip(lin.initial().values(), [p for p, t in zip(theta0, trainable) if t]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    # still the first-order expansion around θ0 after training: f(θ0) + J(θ0)(θ − θ0)
+    delta = torch.cat([(p.detach() - p0).reshape(-1) for p, p0 in zip(lin.module.parameters(), theta0)])
+    jacobian = reference_jacobian(model.requires_grad_(True), x)  # (N, O, P), every parameter (δ = 0 for the frozen one)
+    with torch.no_grad():
+        torch.testing.assert_close(call(lin, x), call(model, x) + (jacobian @ delta).reshape(y.shape), rtol=1e-10, atol=1e-10)
 
 
 # --- taylor_expand: degree 2 and the shared code path ---------------------------------------
