@@ -267,3 +267,19 @@ def test_max_memory_bounds_the_forward_passes_activations() -> None:
     handle.remove()
     assert_kernel_close(kernel, direct_nngp(net, x, None, "trace"), torch.float64)
     assert sizes and max(sizes) * 16 * 12 * 12 * 8 <= budget, sizes
+
+
+def test_monte_carlo_seeds_a_kernel_that_draws_random_numbers_and_restores_the_callers_state() -> None:
+    """A kernel callable may draw from torch's generator (a random-feature or stochastic estimate):
+    the draws are then seeded by ``seed`` like the models, whatever the caller's state, which is
+    left as it was."""
+    def noisy(model: nn.Module, x1, x2, **options) -> torch.Tensor:
+        return fastntk.nngp(model, x1, x2, **options) + torch.randn(())
+
+    x = torch.ones(2, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = fastntk.monte_carlo(noisy, mlp_factory, x, samples=2, seed=5, mode="trace").mean
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    torch.testing.assert_close(fastntk.monte_carlo(noisy, mlp_factory, x, samples=2, seed=5, mode="trace").mean, first, rtol=0, atol=0)
