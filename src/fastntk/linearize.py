@@ -103,7 +103,7 @@ class TaylorExpanded(nn.Module):
             terms = first_order_by_reverse_mode(f, theta0, delta, missing)
         with torch.no_grad():
             for name, b in buffers.items():
-                b.copy_(unwrapped(updated[name]))
+                b.copy_(updated[name])
         summed = iter([sum(term[i] / math.factorial(j) for j, term in enumerate(terms)) for i in range(len(terms[0]))])
         leaves, spec = structure
         return pytree.tree_unflatten([next(summed) if expandable(t) else unwrapped(t) for t in leaves], spec)
@@ -115,10 +115,9 @@ def expandable(t: Any) -> bool:
 
 
 def unwrapped(value: Any) -> Any:
-    """A leaf passed through from inside the forward-mode transforms, as a plain tensor if it is one."""
-    while isinstance(value, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(value):
-        value = torch._C._functorch.get_unwrapped(value)
-    return value
+    """A leaf passed through from inside the forward-mode transforms, as a plain tensor if it is
+    one (a copy made outside the transforms is one)."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def derivatives(f: Callable[[Params], Any], theta: Params, delta: Params, degree: int) -> list[Any]:
