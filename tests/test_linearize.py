@@ -59,8 +59,13 @@ def test_is_the_first_order_taylor_expansion(case: str) -> None:
 
 def test_trains_like_a_module_and_stays_linear() -> None:
     """SGD on the linearised MLP: the loss falls, and the outputs stay affine in θ (the Taylor expansion)."""
+    from fastntk.reference import reference_jacobian
+
     model, x = model_and_inputs("mlp")
+    model[0].bias.requires_grad_(False)  # a frozen parameter: neither trained nor expanded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     lin = fastntk.linearize(model)
+    theta0 = [p.detach().clone() for p in lin.module.parameters()]
     y = torch.randn(call(model, x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     optimiser = torch.optim.SGD(lin.parameters(), lr=0.05)
     losses = []
@@ -73,6 +78,16 @@ def test_trains_like_a_module_and_stays_linear() -> None:
     assert losses[-1] < 0.5 * losses[0]
     assert [name for name, _ in lin.named_buffers() if name.startswith("initial_")]  # θ0 kept, not trained
     assert all(not b.requires_grad for b in lin.initial().values())
+    trainable = [p.requires_grad for p in lin.module.parameters()]
+    for p, p0, moved in zip(lin.module.parameters(), theta0, trainable):
+        assert torch.equal(p, p0) != moved  # the trainable parameters moved, the frozen one did not
+    assert all(torch.equal(b, p0) for b, p0 in zip(lin.initial().values(), [p for p, t in zip(theta0, trainable) if t]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    # still the first-order expansion around θ0 after training: f(θ0) + J(θ0)(θ − θ0)
+    delta = torch.cat([(p.detach() - p0).reshape(-1) for p, p0 in zip(lin.module.parameters(), theta0)])
+    jacobian = reference_jacobian(model.requires_grad_(True), x)  # (N, O, P), every parameter (δ = 0 for the frozen one)
+    with torch.no_grad():
+        torch.testing.assert_close(call(lin, x), call(model, x) + (jacobian @ delta).reshape(y.shape), rtol=1e-10, atol=1e-10)
 
 
 # --- taylor_expand: degree 2 and the shared code path ---------------------------------------
@@ -272,3 +287,45 @@ def test_a_model_with_nothing_trainable_expands_to_itself(degree: int) -> None:
     expanded = fastntk.taylor_expand(model, degree)
     torch.testing.assert_close(call(expanded, x), call(model, x), rtol=0, atol=0)
     assert not list(expanded.initial())
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_outputs_with_leaves_that_are_not_floating_tensors(degree: int) -> None:
+    """A Hugging Face GPT-2 returns a ModelOutput with a key/value cache (not a tensor) beside its
+    logits, and fastntk.ntk takes it: the expansion expands the floating tensors (the logits), and
+    passes the other leaves through as the model computed them at θ0."""
+    transformers = pytest.importorskip("transformers", reason="needs the test extra: pip install -e .[test]")
+    config = transformers.GPT2Config(vocab_size=7, n_embd=8, n_layer=1, n_head=2, n_positions=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    x = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(1))
+    expanded = fastntk.taylor_expand(model, degree)
+    out, exp_out = model(x), expanded(x)
+    assert type(exp_out) is type(out) and exp_out.past_key_values is not None
+    torch.testing.assert_close(exp_out.logits, out.logits, rtol=1e-12, atol=1e-12)
+    w = torch.randn(out.logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out.logits * w).sum(), trained)
+    exp_grads = torch.autograd.grad((exp_out.logits * w).sum(), [p for p in expanded.module.parameters() if p.requires_grad])
+    for g, h in zip(grads, exp_grads):
+        torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_batchnorm_in_training_mode_normalises_by_the_batch_and_updates_its_statistics(degree: int) -> None:
+    """A model in training mode (how a network with BatchNorm trains): at θ0 the expansion is the
+    model, normalising by the batch's statistics, and its copy's running statistics advance as
+    the model's do on the same batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expanded = fastntk.taylor_expand(model, degree)
+    assert expanded.training
+    lin_out = expanded(x)
+    out = model(x)
+    torch.testing.assert_close(lin_out, out, rtol=1e-12, atol=1e-12)
+    for name, b in model.named_buffers():
+        actual = expanded.module.get_buffer(name)
+        assert type(actual) is torch.Tensor and not actual.requires_grad
+        torch.testing.assert_close(actual, b, rtol=1e-12, atol=1e-12)
+    assert int(expanded.module[1].num_batches_tracked) == 1

@@ -11,8 +11,10 @@ from torch import nn
 
 import fastntk
 from conftest import CASES_BY_NAME, DTYPES, assert_kernel_close
-from fastntk._functional import flatten_output
+from fastntk._api import PROBE
+from fastntk._functional import FunctionalModel, flatten_output
 from fastntk._inputs import call_model, map_leaves
+from fastntk.operator import activation_bytes
 from fastntk.reduction import reduce_full
 
 CASES = ["mlp", "tutorial_cnn", "token_dict", "tuple_output", "transformer", "batchnorm_eval"]
@@ -90,7 +92,9 @@ def test_blocks_within_max_memory_give_the_same_kernel(mode: str, gram: bool) ->
     n2 = 7 if gram else 5
     pair = 8 * (9 if mode == "full" else 1)
     result = 7 * n2 * pair
-    per_sample = 8 * 3 + 4 * 8 * 3 * 8 * 8  # features + INPUT_COPIES inputs
+    f = FunctionalModel.build(model, lambda name, p: True)
+    activations = activation_bytes(f, x1[:PROBE])  # what one sample's forward pass holds, measured as nngp does
+    per_sample = 8 * 3 + 4 * 8 * 3 * 8 * 8 + activations  # features + INPUT_COPIES inputs + activations
     held = result + n2 * 24 + per_sample + n2 * pair  # x2's features whole, then one row at a time
     streamed = result + 2 * per_sample + pair  # one sample a side, features recomputed per block
     least = min(held, streamed)
@@ -247,3 +251,35 @@ def test_the_guide_examples_run() -> None:
     assert namespace["k_relu"].shape == (10, 10) and namespace["posterior"].mean.shape == (5, 3)
     assert namespace["z"].abs().max() < 6 and namespace["ntk_mean"].shape == (10, 10)
 
+
+
+def test_max_memory_bounds_the_forward_passes_activations() -> None:
+    """The forward pass of a block holds its layers' outputs, not only the inputs and features:
+    a conv layer's output is 16·12·12 floats per sample, far more than the 2 features. Every
+    forward pass over b samples must fit them in max_memory: b·16·12·12·8 bytes at least."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2)).double()
+    x = torch.randn(40, 1, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    budget = 10 * 16 * 12 * 12 * 8  # room for the activations of at most 10 samples
+    sizes: list[int] = []
+    handle = net.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    kernel = fastntk.nngp(net, x, mode="trace", max_memory=budget)
+    handle.remove()
+    assert_kernel_close(kernel, direct_nngp(net, x, None, "trace"), torch.float64)
+    assert sizes and max(sizes) * 16 * 12 * 12 * 8 <= budget, sizes
+
+
+def test_monte_carlo_seeds_a_kernel_that_draws_random_numbers_and_restores_the_callers_state() -> None:
+    """A kernel callable may draw from torch's generator (a random-feature or stochastic estimate):
+    the draws are then seeded by ``seed`` like the models, whatever the caller's state, which is
+    left as it was."""
+    def noisy(model: nn.Module, x1, x2, **options) -> torch.Tensor:
+        return fastntk.nngp(model, x1, x2, **options) + torch.randn(())
+
+    x = torch.ones(2, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = fastntk.monte_carlo(noisy, mlp_factory, x, samples=2, seed=5, mode="trace").mean
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    torch.testing.assert_close(fastntk.monte_carlo(noisy, mlp_factory, x, samples=2, seed=5, mode="trace").mean, first, rtol=0, atol=0)

@@ -320,3 +320,25 @@ def test_the_guide_example_runs() -> None:
     assert blocks
     namespace: dict[str, object] = {}
     exec(compile("\n".join(blocks), "operator.md", "exec"), namespace)  # noqa: S102 - our own docs
+
+
+def test_a_vector_with_nan_or_inf_is_refused_as_such() -> None:
+    """The product of a non-finite v is not the model's overflow: the error names v."""
+    model, x1, _, _ = built("mlp", torch.float64, True)
+    op = NTKOperator(model, x1)
+    for bad in (float("nan"), float("inf")):
+        v = torch.ones(15, dtype=torch.float64)
+        v[3] = bad
+        with pytest.raises(fastntk.NonFiniteError, match=r"v holds NaN or inf"):
+            op @ v
+    assert (NTKOperator(model, x1, check=False) @ v).isnan().any()
+
+
+def test_numpy_integers_are_whole_numbers_for_the_solvers() -> None:
+    """k, matvecs and maxiter from numpy (e.g. np.arange, a config array) count as the ints they are."""
+    model, x = tiny()
+    op = NTKOperator(model, x[:6])
+    assert torch.equal(top_eigenvalues(op, np.int64(2)), top_eigenvalues(op, 2))
+    assert trace_estimate(op, np.int64(6), seed=1) == trace_estimate(op, 6, seed=1)
+    y = torch.ones(6, 1, dtype=torch.float64)
+    assert torch.equal(solve(op, y, ridge=1e-2, maxiter=np.int64(50)).alpha, solve(op, y, ridge=1e-2, maxiter=50).alpha)

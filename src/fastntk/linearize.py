@@ -32,7 +32,9 @@ class TaylorExpanded(nn.Module):
     forward-mode passes (``torch.func.jvp`` of ``jvp``: about 2^k forward passes' work, no
     Jacobian or Hessian formed); gradients with respect to θ flow through them, so any
     optimiser trains it like the model itself. Buffers (e.g. BatchNorm statistics) and
-    train/eval mode are the copy's.
+    train/eval mode are the copy's; in training mode, BatchNorm normalises by the batch's
+    statistics at θ0 and updates the copy's running statistics with them. The floating tensors of the output are expanded; its other
+    leaves (a Hugging Face key/value cache, integer tensors) are passed through as computed at θ0.
 
     Models with an operation that has no forward-mode derivative (e.g. ``weight_norm``'s
     ``_weight_norm_interface``, ``EmbeddingBag``), which ``method="vp"`` refuses: degree 1 falls
@@ -72,9 +74,18 @@ class TaylorExpanded(nn.Module):
         if not theta0:  # nothing trainable: the expansion is the model
             return self.module(*args, **kwargs)
         delta = {name: self.module.get_parameter(name) - value for name, value in theta0.items()}
+        structure: list[Any] = []  # the output's leaves and spec, as the innermost pass at θ0 computed them
+        # a module in training mode may update its buffers (BatchNorm's statistics): the transforms refuse
+        # in-place updates of captured tensors, so the pass updates copies made inside it, copied back after
+        buffers = dict(self.module.named_buffers()) if any(m.training for m in self.module.modules()) else {}
+        updated: dict[str, torch.Tensor] = {}
 
-        def f(params: Params) -> Any:
-            return functional_call(self.module, params, args, kwargs)
+        def f(params: Params) -> tuple[torch.Tensor, ...]:
+            """The output's floating tensors (what is expanded); caches, integers and the like aside."""
+            updated.update({name: b.clone() for name, b in buffers.items()})
+            leaves, spec = pytree.tree_flatten(functional_call(self.module, {**params, **updated}, args, kwargs))
+            structure[:] = [leaves, spec]
+            return tuple(t for t in leaves if expandable(t))
 
         # composite kernels where fused ones lack forward mode, as the vp method's
         with forward_mode_kernels(), (NormsFromTheirDefinition() if self.degree > 1 else contextlib.nullcontext()):
@@ -90,13 +101,23 @@ class TaylorExpanded(nn.Module):
                 terms = None
         if terms is None:
             terms = first_order_by_reverse_mode(f, theta0, delta, missing)
-        leaves = [pytree.tree_flatten(t) for t in terms]
-        spec = leaves[0][1]
-        summed = [
-            sum(term[0][i] / math.factorial(j) for j, term in enumerate(leaves))
-            for i in range(len(leaves[0][0]))
-        ]
-        return pytree.tree_unflatten(summed, spec)
+        with torch.no_grad():
+            for name, b in buffers.items():
+                b.copy_(updated[name])
+        summed = iter([sum(term[i] / math.factorial(j) for j, term in enumerate(terms)) for i in range(len(terms[0]))])
+        leaves, spec = structure
+        return pytree.tree_unflatten([next(summed) if expandable(t) else unwrapped(t) for t in leaves], spec)
+
+
+def expandable(t: Any) -> bool:
+    """Whether an output leaf is expanded: a floating (or complex) tensor."""
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def unwrapped(value: Any) -> Any:
+    """A leaf passed through from inside the forward-mode transforms, as a plain tensor if it is
+    one (a copy made outside the transforms is one)."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def derivatives(f: Callable[[Params], Any], theta: Params, delta: Params, degree: int) -> list[Any]:

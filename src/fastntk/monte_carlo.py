@@ -41,7 +41,7 @@ def monte_carlo(
 ) -> MonteCarloKernel:
     r"""E_θ[K_θ(x1, x2)] over random initialisations, estimated from ``samples`` draws: draw i
     builds ``model_factory()`` with torch's generator seeded ``seed + i`` and computes
-    ``kernel(model, x1, x2, **kernel_options)``. The mean and the variance run in float64
+    ``kernel(model, x1, x2, **kernel_options)`` (still under that seed). The mean and the variance run in float64
     (Welford's update), so memory holds two kernels besides the current one, whatever S.
 
     The caller's random state is left as it was: every draw runs inside
@@ -83,12 +83,12 @@ def monte_carlo(
     mean: torch.Tensor | None = None
     squares: torch.Tensor | None = None  # Σ (K_i − mean)², Welford's M2
     for i in range(samples):
-        with torch.random.fork_rng():
+        with torch.random.fork_rng():  # the draw, and anything random in the kernel, seeded
             torch.manual_seed(int(seed) + i)
             model = model_factory()
-        if not isinstance(model, nn.Module):
-            raise InputError(f"model_factory returned {type(model).__name__}: it must build and return a torch.nn.Module")
-        value = kernel(model, x1, x2, **kernel_options).detach().to(torch.float64)
+            if not isinstance(model, nn.Module):
+                raise InputError(f"model_factory returned {type(model).__name__}: it must build and return a torch.nn.Module")
+            value = kernel(model, x1, x2, **kernel_options).detach().to(torch.float64)
         if mean is None or squares is None:
             mean, squares = value.clone(), torch.zeros_like(value)
             continue

@@ -16,6 +16,7 @@ from ._options import options_of
 from ._torch_private import pytree
 from .blocks.budget import DEFAULT_MAX_MEMORY, INPUT_COPIES, format_bytes
 from .blocks.engine import kernel_context
+from .operator import activation_bytes
 from .reduction import block_shape
 
 Features = Callable[[Batch], torch.Tensor]
@@ -54,7 +55,8 @@ def nngp(
             returns flattened per sample and concatenated (d numbers per sample). The hook is
             removed when the call ends, also on error.
         dtype: the compute dtype, as for :func:`fastntk.ntk`.
-        max_memory: bytes the result, the features and the inputs of a block may hold, as for
+        max_memory: bytes the result, the features, the inputs of a block and the activations
+            of its forward pass (measured once on the first samples) may hold, as for
             :func:`fastntk.ntk`; the features of x2 are computed once when they fit, else
             again for every block of x1.
         check: validate the model and inputs and refuse a kernel with NaN or inf.
@@ -92,7 +94,7 @@ def nngp(
 
     with kernel_context():
         d = features(problem.load(1, 0, 1)).shape[1]
-        out = blocked_gram(problem, features, d, options.mode)
+        out = blocked_gram(problem, features, d, options.mode, activation_bytes(f, problem.probe1))
     if options.mean:
         out = out / d
     if options.check and not all_finite(out):
@@ -104,23 +106,24 @@ def nngp(
     return out
 
 
-def blocked_gram(problem: Any, features: Features, d: int, mode: str) -> torch.Tensor:
+def blocked_gram(problem: Any, features: Features, d: int, mode: str, activations: int = 0) -> torch.Tensor:
     """Σ over features of φ(x1) ⊗ φ(x2) in ``mode``, in row blocks of x1 within max_memory: the
     features of x2 (of x1 for a Gram matrix) held whole when they fit beside a block, else
-    recomputed for every block of rows, in column blocks."""
+    recomputed for every block of rows, in column blocks. ``activations``: the bytes one
+    sample's forward pass holds, beside its inputs and features."""
     f, n1, n2 = problem.f, problem.n1, problem.n2
     size = f.dtype.itemsize
     shape = block_shape(mode, n1, n2, d)  # type: ignore[arg-type]
     pair_bytes = size * int(torch.Size(shape[2:]).numel())
     result_bytes = n1 * n2 * pair_bytes
-    per_sample = size * d + INPUT_COPIES * problem.input_bytes
+    per_sample = size * d + INPUT_COPIES * problem.input_bytes + activations
     room = problem.options.max_memory - result_bytes
     held_bytes = n2 * size * d  # x2's features, held whole
     cached = held_bytes + per_sample + n2 * pair_bytes <= room
     least = per_sample + min(held_bytes + n2 * pair_bytes, per_sample + pair_bytes)  # either way, one sample a block
     if not cached and room < least:
         raise OptionError(
-            f"max_memory={format_bytes(problem.options.max_memory)} is too small: one sample's features and inputs need "
+            f"max_memory={format_bytes(problem.options.max_memory)} is too small: one sample's features, inputs and activations need "
             f"{format_bytes(least)} beside the {format_bytes(result_bytes)} result; pass max_memory={least + result_bytes} or more"
         )
     out = torch.empty(shape, dtype=f.dtype, device=f.device)

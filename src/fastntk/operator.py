@@ -31,7 +31,7 @@ from ._api import NTKFunction
 from ._errors import FastNTKError, InputError, NonFiniteError, OptionError
 from ._functional import FunctionalModel, ParamSelection, Params
 from ._inputs import Batch, all_finite, leaves, take
-from ._options import options_of
+from ._options import is_positive_int, options_of
 from ._problem import Problem
 from ._process import quiet_fallbacks
 from .blocks.budget import DEFAULT_MAX_MEMORY, INPUT_COPIES, OUTPUT_COPIES, format_bytes
@@ -150,7 +150,7 @@ class NTKOperator:
 
         Raises:
             InputError: v not a floating tensor of one of those shapes.
-            NonFiniteError: a product that is NaN or inf (with ``check``).
+            NonFiniteError: v, or a product, that is NaN or inf (with ``check``).
         """
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             raise InputError(f"NTKOperator @ v needs a floating torch.Tensor, got {type(v).__name__}: for numpy arrays use op.to_scipy()")
@@ -161,6 +161,8 @@ class NTKOperator:
                 f"so give ({n},) or ({n}, K)"
             )
         matrix = v.detach().to(self.device, self.dtype).reshape(n, -1)
+        if self._problem.options.check and not all_finite(matrix):
+            raise NonFiniteError(f"v holds NaN or inf (in {self.dtype}): Θ v would too; give a finite vector")
         out = self._matmat(matrix)
         if self._problem.options.check and not all_finite(out):
             raise NonFiniteError("Θ v contains NaN or inf although v, the inputs and the parameters are finite: the model's derivatives overflow; try dtype=torch.float64")
@@ -380,7 +382,7 @@ def solve(op: NTKOperator, y: torch.Tensor, *, ridge: float = 0.0, rtol: float =
         raise InputError(f"ridge={ridge!r}: give a finite number >= 0 (added to Θ's diagonal)")
     if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise InputError(f"rtol={rtol!r}: give a relative tolerance in (0, 1), e.g. 1e-5")
-    if maxiter is not None and not (isinstance(maxiter, int) and not isinstance(maxiter, bool) and maxiter >= 1):
+    if maxiter is not None and not is_positive_int(maxiter):
         raise InputError(f"maxiter={maxiter!r}: give a positive number of iterations, or None for 10·N·O")
     n = op.shape[0]
     target = torch.as_tensor(y).detach()
@@ -402,7 +404,7 @@ def solve(op: NTKOperator, y: torch.Tensor, *, ridge: float = 0.0, rtol: float =
     if norm == 0.0:
         return Solution(torch.zeros_like(target, dtype=torch.float64, device=op.device), 0, 0.0)
     tolerance = {"rtol" if "rtol" in inspect.signature(linalg.cg).parameters else "tol": rtol}  # scipy < 1.12 names it tol
-    x, info = linalg.cg(system, b, atol=0.0, maxiter=maxiter if maxiter is not None else 10 * n, callback=count, **tolerance)
+    x, info = linalg.cg(system, b, atol=0.0, maxiter=int(maxiter) if maxiter is not None else 10 * n, callback=count, **tolerance)
     residual = float(np.linalg.norm(b - system.matvec(x))) / norm
     if info != 0 or residual > rtol:
         raise ConvergenceError(
@@ -436,10 +438,10 @@ def top_eigenvalues(op: NTKOperator, k: int, *, eigenvectors: bool = False, tol:
     if not isinstance(op, NTKOperator) or not op.symmetric:
         raise InputError("top_eigenvalues needs the symmetric Θ(x, x): build the operator as NTKOperator(model, x) (x2=None)")
     n = op.shape[0]
-    if not (isinstance(k, int) and 1 <= k < n):
+    if not (is_positive_int(k) and k < n):
         raise InputError(f"k={k!r}: give 1 <= k < N·O = {n} (for all eigenvalues form the kernel with fastntk.ntk and use torch.linalg.eigvalsh)")
     v0 = np.random.default_rng(seed).standard_normal(n)
-    result = scipy_linalg().eigsh(op.to_scipy(), k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=eigenvectors)
+    result = scipy_linalg().eigsh(op.to_scipy(), k=int(k), which="LA", tol=tol, v0=v0, return_eigenvectors=eigenvectors)
     values, vectors = result if eigenvectors else (result, None)
     order = np.argsort(values)[::-1]
     values_t = torch.from_numpy(np.ascontiguousarray(values[order]))
@@ -479,8 +481,9 @@ def trace_estimate(op: NTKOperator, matvecs: int, *, method: str = "hutch++", se
     if method not in TRACE_METHODS:
         raise InputError(f"method={method!r}: use one of {', '.join(map(repr, TRACE_METHODS))}")
     least = 3 if method == "hutch++" else 1
-    if not (isinstance(matvecs, int) and matvecs >= least):
+    if not (is_positive_int(matvecs) and matvecs >= least):
         raise InputError(f"matvecs={matvecs!r}: {method} needs at least {least} products")
+    matvecs = int(matvecs)
     generator = torch.Generator().manual_seed(seed)
 
     def rademacher(columns: int) -> torch.Tensor:
