@@ -210,6 +210,14 @@ def test_cg_flat_targets_and_zero_targets() -> None:
     assert zero.iterations == 0 and not zero.alpha.any()
 
 
+def test_cg_takes_numpy_scalars() -> None:
+    """ridge and rtol as numpy scalars (e.g. from np.logspace) are numbers, as in fastntk.predict."""
+    model, x_train, _, y = regression_problem()
+    op = NTKOperator(model, x_train)
+    given = solve(op, y, ridge=np.float32(1e-2), rtol=np.float64(1e-8))
+    assert torch.allclose(given.alpha, solve(op, y, ridge=float(np.float32(1e-2)), rtol=1e-8).alpha, rtol=0, atol=0)
+
+
 def test_cg_that_does_not_converge_raises_with_its_progress() -> None:
     model, x_train, _, y = regression_problem()
     with pytest.raises(ConvergenceError, match=r"stopped after 2 iterations at relative residual .* raise maxiter=") as info:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -378,9 +379,9 @@ def solve(op: NTKOperator, y: torch.Tensor, *, ridge: float = 0.0, rtol: float =
     """
     if not isinstance(op, NTKOperator) or not op.symmetric:
         raise InputError("solve needs Θ(x_train, x_train): build the operator as NTKOperator(model, x_train) (x2=None)")
-    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+    if not (isinstance(ridge, numbers.Real) and not isinstance(ridge, bool) and math.isfinite(ridge) and ridge >= 0):
         raise InputError(f"ridge={ridge!r}: give a finite number >= 0 (added to Θ's diagonal)")
-    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+    if not (isinstance(rtol, numbers.Real) and not isinstance(rtol, bool) and 0 < rtol < 1):
         raise InputError(f"rtol={rtol!r}: give a relative tolerance in (0, 1), e.g. 1e-5")
     if maxiter is not None and not is_positive_int(maxiter):
         raise InputError(f"maxiter={maxiter!r}: give a positive number of iterations, or None for 10·N·O")
