@@ -286,6 +286,29 @@ def test_bad_arguments_are_refused() -> None:
         fastntk.KernelTracker(nn.Linear(3, 1, bias=False), torch.zeros(4, 3))
 
 
+def test_a_kernel_that_becomes_zero_during_training_is_recorded_not_raised() -> None:
+    """A network that dies during training (ReLU units all off, no biases) has a zero kernel:
+    the record says so (norm 0, NaN where a distance from or relative to a zero kernel is
+    undefined) rather than raising out of optimizer.step(), and tracking goes on."""
+    net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 1, bias=False)).double()
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).abs()
+    tracker = fastntk.KernelTracker(net, x, mode="trace")
+    with torch.no_grad():
+        net[0].weight.fill_(-1.0)  # every hidden unit off on every (positive) probe: the kernel is zero
+    assert tracker.step()
+    h = tracker.history
+    assert h.norm[1] == 0.0 and h.relative_change[1] == 1.0 and h.relative_velocity[1] == 1.0
+    assert math.isnan(h.distance[1]) and math.isnan(h.velocity[1])
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)  # alive again
+    assert tracker.step()
+    reference = fastntk.reference_ntk(net, x, mode="trace")
+    assert h.norm[2] == pytest.approx(float(reference.norm()), rel=1e-10)
+    assert h.distance[2] == pytest.approx(analysis.kernel_distance(tracker.initial, reference), abs=1e-12)
+    assert math.isnan(h.velocity[2]) and math.isnan(h.relative_velocity[2])  # from the zero kernel: undefined
+    assert json.loads(json.dumps(h.as_dict(), allow_nan=False))["distance"][1] is None
+
+
 def test_history_as_dict_is_json_and_kernels_are_kept_on_request() -> None:
     model, x, y = regression("tanh")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

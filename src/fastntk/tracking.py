@@ -23,7 +23,9 @@ from .blocks.budget import DEFAULT_MAX_MEMORY
 @dataclass
 class KernelHistory:
     """What a :class:`KernelTracker` recorded, one entry per recorded kernel K_t (aligned lists;
-    the first entry is the initial kernel K_0 at step 0).
+    the first entry is the initial kernel K_0 at step 0). A distance from a zero kernel (e.g.
+    of a network whose ReLU units all died) is undefined: NaN in ``distance`` and ``velocity``
+    where K_t or the previous record K_s is zero, in ``relative_velocity`` where K_s is.
 
     Attributes:
         steps: the optimiser step t of each record.
@@ -200,14 +202,15 @@ class KernelTracker:
         kernel, seconds = self._compute()
         current = kernel.to("cpu", torch.float64, copy=True)
         elapsed = self._step - self.history.steps[-1]
+        norm = float(torch.linalg.vector_norm(current))
         previous_norm = float(torch.linalg.vector_norm(self._latest64))
         self._append(
             self._step,
-            kernel_distance(self._initial64, current),
+            kernel_distance(self._initial64, current) if norm else math.nan,
             float(torch.linalg.vector_norm(current - self._initial64)) / self._initial_norm,
-            kernel_distance(self._latest64, current) / elapsed,
-            float(torch.linalg.vector_norm(current - self._latest64)) / previous_norm / elapsed,
-            float(torch.linalg.vector_norm(current)),
+            kernel_distance(self._latest64, current) / elapsed if norm and previous_norm else math.nan,
+            float(torch.linalg.vector_norm(current - self._latest64)) / previous_norm / elapsed if previous_norm else math.nan,
+            norm,
             seconds,
             kernel,
         )
