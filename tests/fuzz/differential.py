@@ -490,8 +490,8 @@ class Checker:
         if kernel.shape != expected.shape or error > allowed:
             self.fail(WrongKernel, name, f"{tuple(kernel.shape)}: differs by {error:.3g} (allowed {allowed:.3g})")
 
-    def group_references(self, gram: bool) -> dict[str, torch.Tensor]:
-        """Each module group's float64 reference kernel (full mode), from one reference Jacobian per
+    def group_references(self, gram: bool, grouping: str = "module") -> dict[str, torch.Tensor]:
+        """Each group's float64 reference kernel (full mode), from one reference Jacobian per
         side sliced by the group's parameters (their columns, in ``params`` order)."""
         names = select_parameters(self.model, self.params)
         sizes = dict(self.model.named_parameters())
@@ -501,26 +501,27 @@ class Checker:
             start += sizes[name].numel()
         j1 = reference_jacobian(self.model, self.x1, self.params)
         j2 = j1 if gram else reference_jacobian(self.model, self.x2, self.params)
-        groups = fastntk.parameter_groups(self.model, "module", self.params)
+        groups = fastntk.parameter_groups(self.model, grouping, self.params)
         out = {}
         for group, params in groups.items():
             index = torch.cat([columns[name] for name in params])
             out[group] = torch.einsum("nap,mbp->nmab", j1[..., index], j2[..., index])
         return out
 
-    def check_layers(self, combo: Combo) -> None:
-        """fastntk.layer_ntk (per module) summing to the reference, and fastntk.weighted_ntk
+    def check_layers(self, combo: Combo, grouping: str = "module") -> None:
+        """fastntk.layer_ntk (``grouping``: "module" or "parameter", which splits the structured
+        method's joint weight-and-bias factors) summing to the reference, and fastntk.weighted_ntk
         matching Σ_g λ_g of the per-group references, in the combo's mode, x2 and block size,
         wherever the Jacobian method computes the kernel ("vp" combos run "auto")."""
         if not self.computes(Combo("jacobian", combo.mode, combo.gram, combo.chunk)):
             return
         method = combo.method if combo.method in ("jacobian", "structured") else "auto"
         x2 = None if combo.gram else self.x2
-        options = dict(mode=combo.mode, method=method, params=self.params, block_size=combo.block_size(self.n1))
+        options = dict(mode=combo.mode, method=method, params=self.params, block_size=combo.block_size(self.n1), groups=grouping)
         try:
             kernels = fastntk.layer_ntk(self.model, self.x1, x2, **options)
             self.assert_close(sum(kernels.values()), combo.mode, combo.gram)
-            references = self.group_references(combo.gram)
+            references = self.group_references(combo.gram, grouping)
             weights = {group: 0.5 + g for g, group in enumerate(references)}
             kernel = fastntk.weighted_ntk(self.model, self.x1, x2, weights=weights, **options)
             expected = sum(w * reduce_full(references[group], combo.mode) for group, w in weights.items())

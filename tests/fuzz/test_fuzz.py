@@ -61,7 +61,7 @@ def check_spec(spec: Spec, dtype: torch.dtype, chosen: list[Combo], reuse: Combo
     checker.check_nngp(reuse)  # fastntk.nngp: the outputs' inner products
     checker.check_nngp_layer(reuse, spec.seed)  # and one submodule's features (or the right refusal)
     checker.check_linearize(reuse, degree=1 + spec.seed % 2)  # linearize / taylor_expand(2) at θ0: outputs and gradient
-    checker.check_layers(chosen[0])  # fastntk.layer_ntk sums to the reference; weighted_ntk is Σ_g λ_g of per-group references
+    checker.check_layers(chosen[0], ("module", "parameter")[spec.seed % 2])  # layer_ntk sums to the reference; weighted_ntk is Σ_g λ_g of per-group references
     checker.check_reuse(reuse)
     if not LOG:
         checker.raise_first()
