@@ -251,3 +251,26 @@ def test_check_false_gives_the_same_result() -> None:
     model = mlp()
     x1, x2 = vectors(4), vectors(3, seed=2)
     assert torch.equal(fastntk.ntk(model, x1, x2, check=False), fastntk.ntk(model, x1, x2))
+
+
+def test_inside_inference_mode_every_entry_point_refuses_with_the_fix() -> None:
+    """torch.inference_mode() forbids differentiation: a clear OptionError from every entry point
+    (before, a ModelError blamed the inputs), while torch.no_grad() around a call is fine."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    calls = {
+        "ntk": lambda: fastntk.ntk(net, x),
+        "plan": lambda: fastntk.plan(net, x),
+        "gram": lambda: fastntk.gram(net, x),
+        "self_ntk": lambda: fastntk.self_ntk(net, x),
+        "NTKOperator": lambda: fastntk.NTKOperator(net, x),
+        "layer_ntk": lambda: fastntk.layer_ntk(net, x),
+        "nngp": lambda: fastntk.nngp(net, x),
+    }
+    for name, call in calls.items():
+        with torch.inference_mode(), pytest.raises(fastntk.OptionError, match=r"inside torch.inference_mode\(\).*torch.no_grad\(\)"):
+            call()
+        assert not torch.is_inference_mode_enabled(), name
+    with torch.no_grad():
+        under_no_grad = fastntk.ntk(net, x)
+    assert torch.equal(under_no_grad, fastntk.ntk(net, x))

@@ -88,6 +88,11 @@ class NTKFunction:
 
     def _problem(self, x1: Any, x2: Any, select: Select = None) -> Problem:
         """Validate the model and the inputs, probe the model on the first samples."""
+        if torch.is_inference_mode_enabled():  # its tensors cannot be differentiated or version-checked
+            raise OptionError(
+                "fastntk is called inside torch.inference_mode(), where nothing can be differentiated: call it outside "
+                "inference_mode (torch.no_grad() around the call is fine: fastntk enables the gradients it needs)"
+            )
         options, model = self._options, self._model
         f = FunctionalModel.build(model, options.params, options.dtype)
         check_training_mode(model)
