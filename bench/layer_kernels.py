@@ -1,6 +1,6 @@
 """Per-layer kernels in one pass (``fastntk.layer_ntk``) against G separate ``fastntk.ntk(params=group)`` calls.
 
-Usage: ``.venv/bin/python bench/layer_kernels.py [--threads 2] [--repeats 3] [--out bench/results/layer_kernels.json]``.
+Usage: ``.venv/bin/python bench/layer_kernels.py [--threads 2] [--repeats 3] [--out JSON (default bench/results/layer_kernels.json)]``.
 Prints, per workload (an MLP and a CNN, float32, one group per layer, or per parameter tensor), the best
 of the repeats' seconds (the calls interleaved) of: one ``ntk`` (the whole kernel), ``layer_ntk`` (G kernels in one pass),
 ``weighted_ntk`` (J Λ Jᵀ in one pass), and G separate ``ntk(params=...)`` calls; the ratio
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--groups", nargs="*", default=["module", "parameter"], help="groupings to run (G = 4 or 8 here)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "layer_kernels.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -92,11 +92,10 @@ def main() -> None:
         }
         rows.append(row)
         print(f"{name:<11}{grouping:>10}{len(groups):>3}{method:>12}{whole:>9.3f}{one_pass:>13.3f}{weighted:>12.3f}{separate:>19.3f}{separate / one_pass:>19.2f}{diff:>14.2e}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats, "fastntk": fastntk.__version__}
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        print(f"wrote {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats, "fastntk": fastntk.__version__}
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
