@@ -11,7 +11,7 @@ from torch import nn
 
 from ._api import NTKFunction
 from ._errors import ModelError, NonFiniteError, OptionError
-from ._inputs import Batch, all_finite
+from ._inputs import Batch, all_finite, batch_size
 from ._options import options_of
 from ._torch_private import pytree
 from .blocks.budget import DEFAULT_MAX_MEMORY, INPUT_COPIES, format_bytes
@@ -90,7 +90,7 @@ def nngp(
     def features(batch: Batch) -> torch.Tensor:
         if module is None:
             return f(f.primals, batch)
-        return layer_features(module, lambda: f(f.primals, batch), batch_size_of(batch), name)
+        return layer_features(module, lambda: f(f.primals, batch), batch_size(batch), name)
 
     with kernel_context():
         d = features(problem.load(1, 0, 1)).shape[1]
@@ -177,10 +177,6 @@ def find_layer(model: nn.Module, layer: str | nn.Module) -> nn.Module:
 def layer_name(model: nn.Module, module: nn.Module) -> str:
     """The submodule's name in ``model`` ("" for the model itself), for messages."""
     return next(name for name, m in model.named_modules() if m is module) or "(the model itself)"
-
-
-def batch_size_of(batch: Batch) -> int:
-    return pytree.tree_leaves(batch)[0].shape[0]
 
 
 def layer_features(module: nn.Module, run: Callable[[], Any], n: int, name: str) -> torch.Tensor:
