@@ -203,7 +203,7 @@ class KernelTracker:
         current = kernel.to("cpu", torch.float64, copy=True)
         elapsed = self._step - self.history.steps[-1]
         norm = float(torch.linalg.vector_norm(current))
-        previous_norm = float(torch.linalg.vector_norm(self._latest64))
+        previous_norm = self.history.norm[-1]  # ‖K_s‖, recorded with K_s
         self._append(
             self._step,
             kernel_distance(self._initial64, current) if norm else math.nan,
