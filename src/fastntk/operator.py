@@ -31,10 +31,11 @@ from torch.func import jvp, vjp, vmap
 from ._api import NTKFunction
 from ._errors import FastNTKError, InputError, NonFiniteError, OptionError
 from ._functional import FunctionalModel, ParamSelection, Params
-from ._inputs import Batch, all_finite, leaves, take
+from ._inputs import Batch, all_finite, batch_size, take
 from ._options import is_positive_int, options_of
 from ._problem import Problem
 from ._process import quiet_fallbacks
+from ._torch_private import pytree
 from .blocks.budget import DEFAULT_MAX_MEMORY, INPUT_COPIES, OUTPUT_COPIES, format_bytes
 from .methods.jacobian import jacobian_bytes, per_sample_jacobians
 from .methods.per_sample import or_on_composite_kernels
@@ -277,9 +278,9 @@ class _Pushes:
                 raise
             except Exception:  # noqa: BLE001 - any other failure under vmap is vmap's: loop the columns
                 self.batched = False
-        k = leaves(inputs)[0].shape[0]
-        results = [product(torch.utils._pytree.tree_map(lambda t: t[i], inputs)) for i in range(k)]
-        return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *results)
+        k = pytree.tree_leaves(inputs)[0].shape[0]
+        results = [pytree.tree_flatten(product(pytree.tree_map(lambda t: t[i], inputs))) for i in range(k)]
+        return pytree.tree_unflatten([torch.stack(ts) for ts in zip(*(leaves for leaves, _ in results))], results[0][1])
 
     def push(self, f: FunctionalModel, x: Batch, g: Params) -> torch.Tensor:
         """J(x) g: (K, b, O) for g a dict name -> (K, *parameter shape)."""
@@ -315,8 +316,7 @@ def activation_bytes(f: FunctionalModel, x: Batch) -> int:
     primals = {name: t.detach().requires_grad_() for name, t in f.primals.items()}
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         f(primals, x)
-    n = leaves(x)[0].shape[0]
-    return -(-saved // n)
+    return -(-saved // batch_size(x))
 
 
 def scipy_linalg() -> Any:
