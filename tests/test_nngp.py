@@ -14,7 +14,7 @@ from conftest import CASES_BY_NAME, DTYPES, assert_kernel_close
 from fastntk._api import PROBE
 from fastntk._functional import FunctionalModel, flatten_output
 from fastntk._inputs import call_model, map_leaves
-from fastntk.operator import activation_bytes
+from fastntk._functional import activation_bytes
 from fastntk.reduction import reduce_full
 
 CASES = ["mlp", "tutorial_cnn", "token_dict", "tuple_output", "transformer", "batchnorm_eval"]

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from ._torch_private import pytree
 
 from ._errors import InputError, ModelError, NonFiniteError, SelectionError
-from ._inputs import Batch, call_model, map_leaves
+from ._inputs import Batch, batch_size, call_model, map_leaves
 from ._process import using_module
 
 ParamSelection = Union[None, Sequence[str], Callable[[str, nn.Parameter], bool]]
@@ -196,3 +196,22 @@ class FunctionalModel:
     def single(self, primals: Params, x: Batch) -> torch.Tensor:
         """Outputs (O,) of one sample x (no batch dim), for use under vmap."""
         return self(primals, map_leaves(lambda t: t.unsqueeze(0), x))[0]
+
+
+def activation_bytes(f: FunctionalModel, x: Batch) -> int:
+    """Bytes the forward pass of one sample saves for its backward (parameters and buffers not
+    counted), measured on the batch ``x``: the activations a block holds per sample, which
+    :class:`fastntk.NTKOperator`'s products and :func:`fastntk.nngp`'s blocks budget for."""
+    own = {t.untyped_storage().data_ptr() for t in (*f.primals.values(), *f.constants.values())}
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        if t.untyped_storage().data_ptr() not in own:
+            saved += t.numel() * t.element_size()
+        return t
+
+    primals = {name: t.detach().requires_grad_() for name, t in f.primals.items()}
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(primals, x)
+    return -(-saved // batch_size(x))

@@ -11,12 +11,12 @@ from torch import nn
 
 from ._api import NTKFunction
 from ._errors import ModelError, NonFiniteError, OptionError
+from ._functional import activation_bytes
 from ._inputs import Batch, all_finite, batch_size
 from ._options import options_of
 from ._torch_private import pytree
 from .blocks.budget import DEFAULT_MAX_MEMORY, INPUT_COPIES, format_bytes
 from .blocks.engine import kernel_context
-from .operator import activation_bytes
 from .reduction import block_shape
 
 Features = Callable[[Batch], torch.Tensor]

@@ -30,8 +30,8 @@ from torch.func import jvp, vjp, vmap
 
 from ._api import NTKFunction
 from ._errors import FastNTKError, InputError, NonFiniteError, OptionError
-from ._functional import FunctionalModel, ParamSelection, Params
-from ._inputs import Batch, all_finite, batch_size, take
+from ._functional import FunctionalModel, ParamSelection, Params, activation_bytes
+from ._inputs import Batch, all_finite, take
 from ._options import is_positive_int, options_of
 from ._problem import Problem
 from ._process import quiet_fallbacks
@@ -299,24 +299,6 @@ class _Pushes:
                 self.how = "rows"
         rows = per_sample_jacobians(f, x)  # name -> (b, O, *p)
         return sum(torch.einsum("bop,kp->kbo", rows[name].flatten(2), t.flatten(1)) for name, t in g.items())
-
-
-def activation_bytes(f: FunctionalModel, x: Batch) -> int:
-    """Bytes the forward pass of one sample saves for its backward (parameters and buffers not
-    counted), measured on the batch ``x``: what one column of a product holds per sample."""
-    own = {t.untyped_storage().data_ptr() for t in (*f.primals.values(), *f.constants.values())}
-    saved = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        if t.untyped_storage().data_ptr() not in own:
-            saved += t.numel() * t.element_size()
-        return t
-
-    primals = {name: t.detach().requires_grad_() for name, t in f.primals.items()}
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        f(primals, x)
-    return -(-saved // batch_size(x))
 
 
 def scipy_linalg() -> Any:
