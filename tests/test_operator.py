@@ -40,6 +40,22 @@ class Bag(nn.Module):
         return self.head(torch.tanh(self.bag(ids)))
 
 
+class NormedAttention(nn.Module):
+    """weight_norm (no forward mode) before attention, whose CPU kernel (flash attention) has no
+    double backward, which torch reports as a RuntimeError, not a NotImplementedError: the
+    Jacobian-rows path (found by the fuzzer)."""
+
+    def __init__(self) -> None:
+        from torch.nn.utils.parametrizations import weight_norm
+
+        super().__init__()
+        self.proj, self.attention, self.head = weight_norm(nn.Linear(4, 4)), nn.MultiheadAttention(4, 1, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
 def weight_normed() -> nn.Module:
     from torch.nn.utils.parametrizations import weight_norm
 
@@ -51,9 +67,10 @@ FALLBACK_CASES = {
     "gru": Case("gru", lambda: Recurrent(nn.GRU), normal(4, 3)),
     "weight_norm": Case("weight_norm", weight_normed, normal(4)),
     "embedding_bag": Case("embedding_bag", Bag, lambda n, g: torch.randint(0, 10, (n, 3), generator=g)),
+    "normed_attention": Case("normed_attention", NormedAttention, normal(3, 4)),
 }
 OPERATOR_CASES = {**{name: CASES_BY_NAME[name] for name in ("mlp", "tutorial_cnn", "token_dict", "tuple_output")}, **FALLBACK_CASES}
-PUSHES = {"weight_norm": "double", "embedding_bag": "rows"}
+PUSHES = {"weight_norm": "double", "embedding_bag": "rows", "normed_attention": "rows"}
 """How J(x1) g is computed where forward mode is missing (every other case: "forward")."""
 
 N1, N2 = 5, 4

@@ -295,10 +295,20 @@ class _Pushes:
                 out, pullback = vjp(lambda q: f(q, x), f.primals)
                 _, transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))  # u -> Jᵀu is linear: its VJP is J
                 return self.columns(lambda t: transpose(t)[0], g)
-            except NotImplementedError:  # an op without a double backward (EmbeddingBag): Jacobian rows
+            except (NotImplementedError, RuntimeError) as exc:  # an op without a double backward (EmbeddingBag): Jacobian rows
+                if not missing_derivative(exc):
+                    raise
                 self.how = "rows"
         rows = per_sample_jacobians(f, x)  # name -> (b, O, *p)
         return sum(torch.einsum("bop,kp->kbo", rows[name].flatten(2), t.flatten(1)) for name, t in g.items())
+
+
+def missing_derivative(exc: BaseException) -> bool:
+    """Whether autograd lacks a derivative formula: a NotImplementedError, or the RuntimeError
+    "derivative for <op> is not implemented" of ops whose backward has no backward (e.g. CPU
+    flash attention's, which float32 ``scaled_dot_product_attention`` runs)."""
+    message = str(exc)
+    return isinstance(exc, NotImplementedError) or ("derivative for" in message and "not implemented" in message)
 
 
 def scipy_linalg() -> Any:
